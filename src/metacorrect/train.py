@@ -1,0 +1,399 @@
+"""The training loop: phases, epochs, evaluation, metrics, checkpoints and exact resume.
+
+``fit(model, optimizer, noisy_loader, trusted_loader, method=…)`` is the Python API. It
+accepts any iterables of ``(x, y)`` batches with a length (``torch.utils.data.DataLoader``
+works); :class:`TensorBatchLoader` is a fast in-memory loader whose shuffling is seeded
+by its own generator.
+
+Resume is exact on CPU: a checkpoint is written at the end of every epoch with the model,
+optimizer, scheduler, method state (T, …) and every RNG state (torch, CUDA, each loader's
+generator and the stream interleaving generator), so a run killed at any moment continues
+from its last finished epoch and ends with the same weights and T as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import noise as noise_models
+from ._validation import check_transition_matrix
+from .methods import Method, create_method
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (unreadable, or from another configuration)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TensorBatchLoader:
+    """Batches of in-memory tensors ``(x, y)``, shuffled by its own seeded generator.
+
+    ``transform`` is applied to each input batch (e.g. uint8 → float, augmentation).
+    Much cheaper per batch than a ``DataLoader`` over a ``TensorDataset`` (one index
+    operation instead of one per example), which matters for small models on CPU.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, transform: Callable | None = None, drop_last: bool = False):
+        if len(x) != len(y):
+            raise ValueError(f"inputs and labels differ in number: {len(x)} and {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.x, self.y = x, y
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.transform = transform
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else None
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            if order is None:
+                x, y = self.x[sl], self.y[sl]
+            else:
+                idx = order[sl]
+                x, y = self.x[idx], self.y[idx]
+            yield (self.transform(x) if self.transform is not None else x), y
+
+
+@dataclass
+class TrainContext:
+    """What a method's step sees: the model, its optimizer and helpers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    num_classes: int
+    noisy_loader: Iterable
+    trusted_loader: Iterable
+    scheduler_factory: Callable | None = None
+    scheduler: Any = None
+    T_true: np.ndarray | None = None
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    step_in_phase: int = 0
+    epoch_in_phase: int = 0
+    _initial_model: dict = field(default_factory=dict, repr=False)
+    _initial_optimizer: dict = field(default_factory=dict, repr=False)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def reinitialise(self) -> None:
+        """Restore the model's initial weights and a fresh optimizer (methods that retrain
+        from scratch in a later phase)."""
+        self.model.load_state_dict(self._initial_model)
+        self.optimizer.load_state_dict(self._initial_optimizer)
+        self.optimizer.state.clear()
+
+    def batches(self, loader: Iterable):
+        for x, y in loader:
+            yield self.to_device(x), y.to(self.device, non_blocking=True)
+
+    def to_device(self, x):
+        return x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+    @torch.no_grad()
+    def predict_proba(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax outputs and labels over a loader, in evaluation mode (CPU tensors)."""
+        was_training = self.model.training
+        self.model.eval()
+        probs, labels = [], []
+        for x, y in self.batches(loader):
+            probs.append(torch.softmax(self.model(x).float(), 1).cpu())
+            labels.append(y.cpu())
+        self.model.train(was_training)
+        return torch.cat(probs), torch.cat(labels)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    T: np.ndarray | None
+    history: list[dict]
+    method: Method
+    wall_s: float
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _loader_generators(loaders: dict[str, Iterable]) -> dict[str, torch.Generator]:
+    return {k: getattr(v, "generator") for k, v in loaders.items()
+            if isinstance(getattr(v, "generator", None), torch.Generator)}
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically: a killed process leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fingerprint: str | None) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); it was left in "
+                              f"place — move it away to start the run afresh") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a metacorrect checkpoint (format "
+                              f"{payload.get('format') if isinstance(payload, dict) else '?'}, expected {CHECKPOINT_FORMAT})")
+    if fingerprint is not None and payload.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"checkpoint {path} comes from another configuration (fingerprint "
+                              f"{payload.get('fingerprint')}, this run {fingerprint}); use another --out folder "
+                              f"or start without --resume")
+    return payload
+
+
+def _interleave(noisy: Iterable, trusted: Iterable, generator: torch.Generator):
+    """Yield ``(noisy_batch, None)`` and ``(None, trusted_batch)`` in a random order, each
+    loader once."""
+    n_noisy, n_trusted = len(noisy), len(trusted)
+    order = torch.randperm(n_noisy + n_trusted, generator=generator) < n_noisy
+    it_noisy, it_trusted = iter(noisy), iter(trusted)
+    for is_noisy in order.tolist():
+        yield (next(it_noisy), None) if is_noisy else (None, next(it_trusted))
+
+
+def _cycle(loader: Iterable):
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the trusted loader is empty")
+
+
+def _stream(kind: str, noisy: Iterable, trusted: Iterable, generator: torch.Generator):
+    """(number of steps, iterator of (noisy, trusted) batch pairs) for one epoch."""
+    if kind == "paired":
+        return len(noisy), zip(noisy, _cycle(trusted))
+    if kind == "all":
+        return len(noisy) + len(trusted), _interleave(noisy, trusted, generator)
+    if kind == "noisy":
+        return len(noisy), ((b, None) for b in noisy)
+    return len(trusted), ((None, b) for b in trusted)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x = x.to(device) if isinstance(x, torch.Tensor) else x
+        pred = model(x).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterable, trusted_loader: Iterable,
+        method: str | Method = "mlc", *, epochs: int = 10, num_classes: int | None = None,
+        test_loader: Iterable | None = None, val_loader: Iterable | None = None, T_true=None,
+        device: str | torch.device = "auto", scheduler: Callable | None = None,
+        callbacks: Sequence[Callable[[dict], None]] = (), progress: Callable[[int, int, str], None] | None = None,
+        checkpoint_path: str | os.PathLike | None = None, resume: bool = False, fingerprint: str | None = None,
+        seed: int = 0, **method_options) -> FitResult:
+    """Train ``model`` with a noisy-label method and return the model, the learned/estimated
+    T (``T[i, j] = P(noisy=j | true=i)``) and the per-epoch metric history.
+
+    Args:
+        noisy_loader, trusted_loader: iterables of ``(x, y)`` batches with ``len``; the noisy
+            labels are untrusted, the trusted ones are clean.
+        method: a name (``'mlc'``, ``'ce'``, ``'glc'``, …) or a :class:`Method`; extra keyword
+            arguments go to the method (e.g. ``virtual_lr=0.1``).
+        epochs: epochs per training phase.
+        num_classes: number of classes (inferred from ``T_true`` when given).
+        test_loader, val_loader: evaluated after every epoch (``test_acc``, ``val_acc``).
+        T_true: the true transition matrix, when known, for ``t_error`` (evaluation only).
+        scheduler: optional ``factory(optimizer, total_steps) -> LR scheduler``, stepped
+            every iteration and rebuilt at the start of each phase.
+        callbacks: called with each epoch's metrics dict.
+        progress: called as ``progress(step, steps_in_epoch, label)``.
+        checkpoint_path: where to checkpoint after every epoch; with ``resume=True`` an
+            existing checkpoint is continued (it must carry the same ``fingerprint``).
+        seed: seeds torch's global RNG (initialisation, dropout, augmentation) and the
+            interleaving of streams.
+    """
+    start = time.perf_counter()
+    device = resolve_device(device)
+    if T_true is not None:
+        T_true = check_transition_matrix(T_true, "T_true")
+        num_classes = num_classes or T_true.shape[0]
+    if num_classes is None:
+        raise ValueError("fit() needs num_classes (or T_true)")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    for name, loader in (("noisy", noisy_loader), ("trusted", trusted_loader)):
+        if loader is None or len(loader) == 0:
+            raise ValueError(f"the {name} loader is empty: every method needs at least one {name} batch")
+    method = create_method(method, **method_options) if isinstance(method, str) else method
+    if method_options and not isinstance(method, Method):
+        raise ValueError("method options were given with a Method instance; set them on the instance")
+
+    torch.manual_seed(seed)
+    model.to(device)
+    model.train()
+    ctx = TrainContext(model=model, optimizer=optimizer, device=device, num_classes=int(num_classes),
+                       noisy_loader=noisy_loader, trusted_loader=trusted_loader, scheduler_factory=scheduler,
+                       T_true=T_true, epochs=epochs)
+    ctx._initial_model = copy.deepcopy(model.state_dict())
+    ctx._initial_optimizer = copy.deepcopy(optimizer.state_dict())
+    interleave_gen = torch.Generator().manual_seed(seed + 7919)
+    loaders = {"noisy": noisy_loader, "trusted": trusted_loader}
+    method.setup(ctx)
+
+    history: list[dict] = []
+    first_phase, first_epoch = 0, 0
+    elapsed_before = 0.0
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and resume and ckpt.exists():
+        state = load_checkpoint(ckpt, fingerprint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        ctx._initial_model = state["initial_model"]
+        ctx._initial_optimizer = state["initial_optimizer"]
+        _set_rng_state(state["rng"], device)
+        interleave_gen.set_state(state["interleave"])
+        for k, g in _loader_generators(loaders).items():
+            if k in state["loaders"]:
+                g.set_state(state["loaders"][k])
+        history = state["history"]
+        first_phase, first_epoch = state["phase"], state["epoch"]
+        elapsed_before = state.get("elapsed", 0.0)
+        if first_epoch >= epochs:
+            first_phase, first_epoch = first_phase + 1, 0
+        ctx._resumed_scheduler = state.get("scheduler")
+
+    checked_width = False
+    for p_index in range(first_phase, len(method.phases)):
+        phase = method.phases[p_index]
+        steps, _ = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+        ctx.steps_per_epoch = steps
+        ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
+        resuming_here = p_index == first_phase and first_epoch > 0
+        if resuming_here:
+            if ctx.scheduler is not None and getattr(ctx, "_resumed_scheduler", None) is not None:
+                ctx.scheduler.load_state_dict(ctx._resumed_scheduler)
+        else:
+            if phase.reinit:
+                ctx.reinitialise()
+                if ctx.scheduler is not None:
+                    ctx.scheduler = scheduler(optimizer, steps * epochs)
+            method.begin_phase(ctx, p_index)
+        for epoch in range(first_epoch if p_index == first_phase else 0, epochs):
+            ctx.epoch_in_phase = epoch
+            t0 = time.perf_counter()
+            total = torch.zeros((), device=device)
+            _, pairs = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+            for i, (nb, tb) in enumerate(pairs):
+                nb = None if nb is None else (ctx.to_device(nb[0]), nb[1].to(device, non_blocking=True))
+                tb = None if tb is None else (ctx.to_device(tb[0]), tb[1].to(device, non_blocking=True))
+                if not checked_width:
+                    _check_output_width(model, nb or tb, ctx.num_classes)
+                    checked_width = True
+                ctx.step_in_phase = epoch * steps + i
+                total = total + method.step(ctx, nb, tb)
+                if progress is not None:
+                    progress(i + 1, steps, f"{phase.name} epoch {epoch + 1}/{epochs}")
+            mean_loss = float(total) / max(steps, 1)
+            epoch_s = time.perf_counter() - t0
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(
+                    f"the training loss became {mean_loss} in phase {phase.name!r}, epoch {epoch + 1} "
+                    f"(method {method.name}); the last good checkpoint is kept"
+                    f"{f' at {ckpt}' if ckpt is not None else ''}. Lower the learning rate or check the inputs "
+                    f"for NaN/Inf.")
+            metrics: dict[str, Any] = {"epoch": len(history) + 1, "phase": phase.name, "phase_epoch": epoch + 1,
+                                       "train_loss": mean_loss, "epoch_s": epoch_s}
+            if test_loader is not None:
+                metrics["test_acc"] = accuracy(model, test_loader, device)
+            if val_loader is not None:
+                metrics["val_acc"] = accuracy(model, val_loader, device)
+            T_hat = method.estimated_T()
+            if T_hat is not None and T_true is not None:
+                metrics["t_error"] = noise_models.t_error(_as_stochastic(T_hat), T_true)
+            history.append(metrics)
+            for cb in callbacks:
+                cb(metrics)
+            if ckpt is not None:
+                gens = _loader_generators(loaders)
+                save_checkpoint(ckpt, {
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "phase": p_index, "epoch": epoch + 1,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
+                    "method": method.state_dict(), "rng": _rng_state(device),
+                    "interleave": interleave_gen.get_state(), "loaders": {k: g.get_state() for k, g in gens.items()},
+                    "initial_model": ctx._initial_model, "initial_optimizer": ctx._initial_optimizer,
+                    "history": history, "elapsed": elapsed_before + time.perf_counter() - start})
+        first_epoch = 0
+    T_final = method.estimated_T()
+    return FitResult(model=model, T=None if T_final is None else _as_stochastic(T_final), history=history,
+                     method=method, wall_s=elapsed_before + time.perf_counter() - start)
+
+
+def _as_stochastic(T: np.ndarray) -> np.ndarray:
+    """Estimates are row-stochastic up to float error (or column-stochastic in MLC's
+    released-code option): renormalise rows for reporting."""
+    T = np.asarray(T, dtype=np.float64)
+    return T / T.sum(1, keepdims=True).clip(min=1e-12)
+
+
+def _check_output_width(model: nn.Module, batch, num_classes: int) -> None:
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        out = model(batch[0][:2])
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise ValueError(f"the model outputs shape {tuple(out.shape)} for a batch of 2, but the data has "
+                         f"{num_classes} classes: expected (2, {num_classes}) logits")
