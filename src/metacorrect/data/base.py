@@ -103,6 +103,7 @@ class Dataset:
     train_transform: BatchTransform | None = None
     test_transform: BatchTransform | None = None
     licence: str = ""
+    extra: dict = field(default_factory=dict)  # e.g. {"vocab_size": V} for token inputs; default model name
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
