@@ -180,7 +180,7 @@ def cmd_demo(args) -> int:
     from .progress import ProgressBar
     out = Path(args.out)
     results = {}
-    print(f"metacorrect demo: UCI digits (embedded, 1,437 train / 360 test), flip noise s={args.strength:g} "
+    print(f"metacorrect demo: UCI digits (embedded, 1,438 train / 359 test), flip noise s={args.strength:g} "
           f"(most labels of each class moved to one other class), {args.trusted:g} of the training set trusted, "
           f"{args.epochs} epochs, seed {args.seed}\n", flush=True)
     for method in ("ce", "mlc"):
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    warnings.simplefilter("default")
+    plain_format = warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return args.func(args) or 0
@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

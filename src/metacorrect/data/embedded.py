@@ -32,7 +32,7 @@ def load_digits(data_dir=None) -> Dataset:
     return Dataset(
         name="digits", x_train=x[~test], y_train=labels[~test], x_test=x[test], y_test=labels[test],
         num_classes=10, class_names=[str(i) for i in range(10)],
-        description="UCI handwritten digits, 8×8, 1,437 train / 360 test, embedded (no download)",
+        description="UCI handwritten digits, 8×8, 1,438 train / 359 test, embedded (no download)",
         licence="CC BY 4.0 (UCI ML Repository)")
 
 
