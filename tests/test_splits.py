@@ -83,3 +83,11 @@ def test_embedded_digits_ship_with_the_package():
 def test_unknown_dataset_names_the_choices():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'.*digits"):
         load_dataset("imagenet")
+
+
+def test_dataset_rejects_nan_inputs():
+    x = torch.zeros(2, 3)
+    x[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="training inputs contain NaN or Inf"):
+        Dataset(name="bad", x_train=x, y_train=np.array([0, 1]), x_test=None, y_test=None,
+                num_classes=2, class_names=["a", "b"], description="")

@@ -115,6 +115,9 @@ class Dataset:
             self.y_test = check_labels(self.y_test, self.num_classes, f"{self.name} test labels")
             if self.x_test is None or len(self.x_test) != len(self.y_test):
                 raise ValueError(f"{self.name}: test inputs and labels differ in number")
+        for part, x in (("training", self.x_train), ("test", self.x_test)):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{self.name}: the {part} inputs contain NaN or Inf; expected finite features")
         for key, labels in self.noisy_label_sets.items():
             self.noisy_label_sets[key] = check_labels(labels, self.num_classes, f"{self.name} noisy labels {key!r}")
         if self.trusted_mask is not None:
