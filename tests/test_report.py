@@ -33,6 +33,7 @@ epochs = 1
 batch_size = 64
 [published]
 source = "made-up numbers for a test"
+label = "GLC"
 [published.digits]
 ce = 12.5
 glc = 3.0

@@ -144,6 +144,14 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     assert store.recover() == {"interrupted": 1, "failed_retried": 0}
     assert {r["run_id"]: r["status"] for r in store.rows()}[a["run_id"]] == "done"
     assert store.counts()["pending"] == 3
+    # a setting the record lacks (added to RunConfig later) counts as its default
+    with store.transaction() as con:
+        for r in store.rows():
+            cfg_d = json.loads(r["config_json"])
+            cfg_d.pop("validation")
+            con.execute("UPDATE runs SET config_json = ?, fingerprint = 'old' WHERE run_id = ?",
+                        (json.dumps(cfg_d), r["run_id"]))
+    assert store.register(specs)["changed"] == 0
     # changed settings are refused unless asked for
     changed = load_sweep_config(write(tmp_path, TINY.replace("epochs = 3", "epochs = 4"), "b.toml")).runs()
     with pytest.raises(ValueError, match="made with other settings"):
@@ -172,8 +180,7 @@ def test_failed_runs_are_recorded_with_their_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- kill and resume
 
 def _sweep_cmd(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from metacorrect.cli import main; sys.exit(main())",
-            "sweep", str(config), "--out", str(out), "--threads", "1", *extra]
+    return [sys.executable, "-m", "metacorrect", "sweep", str(config), "--out", str(out), "--threads", "1", *extra]
 
 
 def _db_rows(out: Path) -> list[dict]:

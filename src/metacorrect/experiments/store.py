@@ -84,6 +84,21 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+IGNORED_SETTINGS = ("data_dir", "device")
+
+
+def same_settings(stored: dict, new: dict) -> bool:
+    """Whether a recorded run configuration and a new one give the same run: settings that
+    do not change results (where the data lives, the device) are ignored, and a setting
+    the record lacks (one added to :class:`RunConfig` since) counts as its default."""
+    import dataclasses
+    from .run import RunConfig
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(RunConfig)}
+    keys = (set(stored) | set(new)) - set(IGNORED_SETTINGS)
+    return all(stored.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in keys)
+
+
 def db_path(sweep_dir: str | os.PathLike) -> Path:
     return Path(sweep_dir) / DB_NAME
 
@@ -129,10 +144,11 @@ class ResultsStore:
             raise
         self.con.execute("COMMIT")
 
-    def checkpoint(self) -> None:
-        """Fold the write-ahead log into the database file (so that the file alone is complete)."""
+    def checkpoint(self, passive: bool = False) -> None:
+        """Fold the write-ahead log into the database file (so that the file alone is complete);
+        ``passive`` never waits for other connections."""
         try:
-            self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.con.execute(f"PRAGMA wal_checkpoint({'PASSIVE' if passive else 'TRUNCATE'})")
         except sqlite3.OperationalError:  # pragma: no cover - busy: the next one will do
             pass
 
@@ -173,7 +189,9 @@ class ResultsStore:
                     counts["new"] += 1
                     continue
                 counts["existing"] += 1
-                if row["fingerprint"] != fp:
+                if row["fingerprint"] != fp and not same_settings(json.loads(
+                        con.execute("SELECT config_json FROM runs WHERE run_id = ?", (spec.run_id,)).fetchone()[0]),
+                        cfg.to_dict()):
                     changed.append(spec.run_id)
                     if on_changed == "rerun":
                         con.execute("UPDATE runs SET config_json = ?, fingerprint = ?, status = 'pending', claim = NULL, "

@@ -94,7 +94,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
             store.set_meta("invocations", history)
             (out / "sweep.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
             run_ids = [s.run_id for s in specs]
-            done = sum(1 for r in store.rows("done") if r["run_id"] in set(run_ids))
+            id_set = set(run_ids)
+            done = sum(1 for r in store.rows("done") if r["run_id"] in id_set)
             log(f"sweep {config.name}: {len(specs)} runs ({done} done, {counts['new']} new"
                 + (f", {recovered['interrupted']} interrupted to resume" if recovered["interrupted"] else "")
                 + (f", {recovered['failed_retried']} failed to retry" if recovered["failed_retried"] else "")
@@ -126,7 +127,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
                     f"run the command again to resume")
         with ResultsStore(db_path(out)) as store:
             store.checkpoint()
-            rows = [r for r in store.rows() if r["run_id"] in set(run_ids)]
+            rows = [r for r in store.rows() if r["run_id"] in id_set]
         result = {s: sum(1 for r in rows if r["status"] == s) for s in ("pending", "running", "done", "failed")}
         result["total"] = len(rows)
         result["failed_runs"] = [(r["run_id"], (r["error"] or "").strip().splitlines()[-1:] or [""])
@@ -207,8 +208,9 @@ def worker_loop(sweep_dir: str, worker: str, run_ids: list[str], data_dir: str |
             else:
                 last = (r["error"] or "").strip().splitlines()
                 what = f"FAILED: {last[-1] if last else '?'}"
-            print(f"[{done_here + failed}/{total}] {row['run_id']}: {what} ({elapsed:.1f}s; "
-                  f"~{_duration(rate * max(left, 0))} left for this worker's pace)", flush=True)
+            print(f"[{done_here + failed}/{total}] {row['run_id']}: {what} ({elapsed:.1f}s"
+                  + (f"; about {_duration(rate * left)} left at this worker's pace" if left > 0 else "") + ")",
+                  flush=True)
         store.checkpoint()
 
 
@@ -259,6 +261,7 @@ def execute_run(store: ResultsStore, out: Path, row: dict, worker: str, data_dir
         fields = collect_results(run_dir, summary)
         fields["run_wall_s"] = time.perf_counter() - t0
         ok = store.finish(run_id, claim, fields, worker)
+        store.checkpoint(passive=True)  # keep the database file itself complete (it may be copied or committed)
         if ok:
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
             if not keep_models:

@@ -177,7 +177,9 @@ def build_document(results: SweepResults, figures: list[dict]) -> list:
                     partial |= bool(rec and not rec["complete"])
                 rows.append(row)
             if ds in pub:
-                rows.append([ds, "published", "(GLC)"] + [fmt_num(pub[ds].get(m)) for m in table_methods])
+                label = results.published().get("label")
+                rows.append([ds, "published", f"({label})" if label else ""]
+                            + [fmt_num(pub[ds].get(m)) for m in table_methods])
         if partial:
             notes.append(f"† partial: not every strength ({expected or '?'} per row) or row has finished yet; the mean "
                          f"is over the runs done.")
