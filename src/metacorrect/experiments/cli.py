@@ -69,9 +69,14 @@ def cmd_sweep(args) -> int:
         return 0
     out = Path(args.out or f"sweeps/{config.name}")
     t0 = time.perf_counter()
-    result = run_sweep(config, out, workers=args.workers, data_dir=args.data_dir, limit=args.limit,
-                       threads=args.threads, retry_failed=args.retry_failed, rerun_changed=args.rerun_changed,
-                       keep_models=not args.discard_models)
+    try:
+        result = run_sweep(config, out, workers=args.workers, data_dir=args.data_dir, limit=args.limit,
+                           threads=args.threads, retry_failed=args.retry_failed, rerun_changed=args.rerun_changed,
+                           keep_models=not args.discard_models)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {out / 'results.sqlite'}; run the same command again to resume "
+              f"(the interrupted run continues from its last finished epoch)", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - t0
     print(f"\nsweep {config.name}: {result['done']}/{result['total']} runs done, {result['failed']} failed, "
           f"{result['pending'] + result['running']} left ({wall:.0f}s in this call). "
