@@ -27,7 +27,8 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=None, help="sweep folder (default sweeps/<name>)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel, one process each (default 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: CPU cores / workers)")
+                   help="torch threads per worker (default: CPU cores / workers). On a shared or busy "
+                        "machine use 1: more threads than free cores can make small models 10x slower")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of CONFIG (repeatable)")
     p.add_argument("--data-dir", default=None, help="data root (default: $METACORRECT_DATA, else "

@@ -121,6 +121,9 @@ def build_document(results: SweepResults, figures: list[dict]) -> list:
     if cfg.get("description"):
         blocks.append(("p", cfg["description"]))
     compute = sum(r["run_wall_s"] or 0 for r in results.runs if r["status"] in ("done", "failed"))
+    starts = [r["claimed_at"] for r in results.runs if r.get("claimed_at")]
+    ends = [r["finished_at"] for r in results.runs if r.get("finished_at")]
+    span = (max(ends) - min(starts)) if starts and ends else 0.0
     versions = sorted({json.dumps({k: (r.get("versions") or {}).get(k) for k in ("python", "torch", "metacorrect",
                                                                                   "git")}, sort_keys=True)
                        for r in results.done})
@@ -129,7 +132,8 @@ def build_document(results: SweepResults, figures: list[dict]) -> list:
     blocks.append(("p", f"Runs: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
                         f"{counts.get('pending', 0) + counts.get('running', 0)} not yet run, of {counts['total']} "
                         f"(sweep folder {results.sweep_dir}; configuration: {cfg.get('source', '?')}). Compute: "
-                        f"{_duration(compute)} of run time in total. Generated "
+                        f"{_duration(compute)} of run time in total, {_duration(span)} of wall time from the "
+                        f"first start to the last finish. Generated "
                         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."))
     if versions or platforms:
         blocks.append(("p", "Versions: " + "; ".join(
