@@ -224,15 +224,19 @@ def test_phase_two_starts_from_the_initial_weights_with_a_fresh_optimizer(data, 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     method = create_method(name)
     seen = {}
-    begin = method.begin_phase
+    begin, step = method.begin_phase, method.step
 
-    def spy(ctx, index):
-        before = snapshot(ctx.model)
-        begin(ctx, index)
+    def spy_begin(ctx, index):
         if index == 1:
-            seen.update(before=before, after=snapshot(ctx.model), opt_state=len(ctx.optimizer.state))
+            seen["before"] = snapshot(ctx.model)  # begin_phase sees the phase-1 network
+        begin(ctx, index)
 
-    method.begin_phase = spy
+    def spy_step(ctx, noisy, trusted):
+        if "before" in seen and "after" not in seen:  # the first step of phase 2
+            seen.update(after=snapshot(ctx.model), opt_state=len(ctx.optimizer.state))
+        return step(ctx, noisy, trusted)
+
+    method.begin_phase, method.step = spy_begin, spy_step
     fit(model, optimizer, TensorBatchLoader(x_n, y_n, 32, seed=11), TensorBatchLoader(x_t, y_t, 16, seed=12),
         method, epochs=1, num_classes=C, T_true=T_FLIP, device="cpu", seed=0)
     assert not same_weights(seen["before"], initial)  # phase 1 trained the network

@@ -1,6 +1,7 @@
 """The training loop and MLC end to end on the embedded digits: exact resume, T stays
 row-stochastic, MLC beats cross-entropy under strong flip noise, faults fail clearly."""
 
+import copy
 import json
 
 import numpy as np
@@ -141,3 +142,57 @@ def test_python_api_returns_model_T_and_history_with_any_dataloader():
                  test_loader=trusted, callbacks=[seen.append], device="cpu")
     assert result.model is model and result.T.shape == (3, 3) and len(result.history) == 2 == len(seen)
     assert 0 <= result.history[-1]["test_acc"] <= 1
+
+
+def test_begin_phase_sees_the_trained_network_before_a_reinit_phase_restores_the_initial_one():
+    from dataclasses import dataclass
+
+    from metacorrect.methods.base import Method, Phase, ce_step
+
+    @dataclass
+    class Recorder(Method):
+        def __post_init__(self):
+            self.name = "recorder"
+            self.phases = (Phase("one", "noisy"), Phase("two", "noisy", reinit=True))
+            self.seen = {}
+
+        def begin_phase(self, ctx, index):
+            self.seen[index] = copy.deepcopy(ctx.model.state_dict())
+
+        def step(self, ctx, noisy, trusted):
+            if ctx.epoch_in_phase == 0 and ctx.step_in_phase == 0 and 1 in self.seen and "two" not in self.seen:
+                self.seen["two"] = copy.deepcopy(ctx.model.state_dict())
+            return ce_step(ctx, *noisy)
+
+    noisy, trusted = _loaders()
+    model = nn.Linear(4, 3)
+    initial = copy.deepcopy(model.state_dict())
+    method = Recorder()
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.5), noisy, trusted, method, epochs=1, num_classes=3)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(method.seen[0], initial)
+    assert not same(method.seen[1], initial)  # begin_phase(1) sees the network phase 1 trained
+    assert same(method.seen["two"], initial)  # and phase 2 then starts from the initial weights
+
+
+def test_mlc_glc_initialisation_starts_from_the_glc_estimate_of_the_phase_one_network():
+    from metacorrect.methods.estimators import glc_estimate
+
+    noisy, trusted = _loaders(n=256)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    captured = {}
+
+    from metacorrect.methods.mlc import MLC
+
+    class SpyMLC(MLC):
+        def begin_phase(self, ctx, index):
+            super().begin_phase(ctx, index)
+            if index == 1:
+                probs, labels = ctx.predict_proba(ctx.trusted_loader)
+                captured["expected"] = glc_estimate(probs.numpy(), labels.numpy(), 3)
+                captured["T0"] = self.T.cpu().double().numpy()
+
+    fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted, SpyMLC(t_init="glc"), epochs=2,
+        num_classes=3)
+    assert np.allclose(captured["T0"], captured["expected"], atol=1e-6)
+    assert np.abs(captured["T0"] - 1 / 3).max() > 0.05  # not the near-uniform T of a fresh network

@@ -325,11 +325,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             if ctx.scheduler is not None and getattr(ctx, "_resumed_scheduler", None) is not None:
                 ctx.scheduler.load_state_dict(ctx._resumed_scheduler)
         else:
+            # begin_phase first: it may still need the previous phase's network (to estimate T,
+            # to keep a teacher); the re-initialisation comes after it
+            method.begin_phase(ctx, p_index)
             if phase.reinit:
                 ctx.reinitialise()
                 if ctx.scheduler is not None:
                     ctx.scheduler = scheduler(optimizer, steps * epochs)
-            method.begin_phase(ctx, p_index)
         for epoch in range(first_epoch if p_index == first_phase else 0, epochs):
             ctx.epoch_in_phase = epoch
             t0 = time.perf_counter()

@@ -12,7 +12,8 @@ A method declares its :class:`Phase` s. Each phase runs ``epochs`` epochs over o
 
 ``step(ctx, noisy, trusted)`` gets ``(x, y)`` tuples (either may be ``None`` in a single
 stream) and returns the batch loss as a detached tensor. ``begin_phase`` runs once when a
-phase starts (not again on resume): re-initialise, estimate T, …
+phase starts (not again on resume), before a ``reinit`` phase re-initialises the model: it
+can estimate T or keep a teacher from the network the previous phase trained.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ STREAMS = ("paired", "all", "noisy", "trusted")
 class Phase:
     name: str
     stream: str
-    reinit: bool = False  # re-initialise the model and optimizer when the phase begins
+    # re-initialise the model and optimizer when the phase begins, *after* ``begin_phase``
+    # (which may still use the previous phase's network, e.g. to estimate T)
+    reinit: bool = False
 
     def __post_init__(self):
         if self.stream not in STREAMS:

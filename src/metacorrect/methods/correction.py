@@ -21,14 +21,11 @@ method             phase 1 (CE) stream  ``T̂``                                 
 ``forward_true``   —                    the true ``T`` (oracle, one phase)          corrected on noisy, CE on trusted
 =================  ===================  ==========================================  ==========================
 
-Re-initialisation: :func:`metacorrect.train.fit` re-initialises a ``Phase(reinit=True)``
-*before* calling ``begin_phase``, which would leave nothing but the fresh network to
-estimate ``T̂`` from. These methods therefore declare their second phase with
-``reinit=False`` and, in ``begin_phase``, first estimate ``T̂`` with the phase-1 network
-and then re-initialise the model and optimizer themselves (:func:`retrain_from_scratch`,
-which also rebuilds the LR scheduler exactly as ``fit`` does). The effect is GLC's:
-phase 2 starts from the very initial weights with a fresh optimizer. On resume the
-estimate is not recomputed: ``T̂`` travels in the checkpoint (``state_dict``).
+Re-initialisation: the corrected phase is a ``Phase(reinit=True)``; :func:`metacorrect.train.fit`
+calls ``begin_phase`` (which estimates ``T̂`` with the phase-1 network) *before* it restores
+the initial weights and a fresh optimizer, so phase 2 starts from the very initial weights
+as in GLC. On resume the estimate is not recomputed: ``T̂`` travels in the checkpoint
+(``state_dict``).
 
 Losses are per-batch means (GLC sums over a mixed batch and divides by the batch size;
 here every batch is all-noisy or all-trusted, so that is the mean).
@@ -47,15 +44,6 @@ from . import register_method
 from .base import Method, Phase, ce_step
 from .estimators import anchor_estimate, confusion_estimate, glc_estimate
 from .losses import forward_corrected_loss
-
-
-def retrain_from_scratch(ctx) -> None:
-    """Restore the model's initial weights and a fresh optimizer, and rebuild the LR
-    scheduler (if any) for the current phase — what ``fit`` does for ``Phase(reinit=True)``,
-    for methods that must look at the trained network first."""
-    ctx.reinitialise()
-    if ctx.scheduler_factory is not None:
-        ctx.scheduler = ctx.scheduler_factory(ctx.optimizer, ctx.steps_per_epoch * ctx.epochs)
 
 
 def training_probs(ctx) -> np.ndarray:
@@ -86,7 +74,7 @@ class _CorrectionMethod(Method):
     def __post_init__(self):
         self.name = self.NAME
         self.phases = (Phase("estimate", self.ESTIMATE_STREAM),
-                       Phase("corrected", "all", reinit=False))  # re-initialises itself, see module doc
+                       Phase("corrected", "all", reinit=True))
         self.T: torch.Tensor | None = None
 
     def estimate(self, ctx) -> np.ndarray:
@@ -98,7 +86,6 @@ class _CorrectionMethod(Method):
         if self.phases[index].name == "corrected":
             T_hat = check_transition_matrix(self.estimate(ctx), f"{self.name} estimate", ctx.num_classes)
             self.T = _T_tensor(T_hat, ctx.device)
-            retrain_from_scratch(ctx)
 
     def step(self, ctx, noisy, trusted):
         if self.T is None:  # phase 1 (T̂ is set when the corrected phase begins): cross-entropy

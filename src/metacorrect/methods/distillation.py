@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from . import register_method
 from .base import Method, Phase, ce_step
-from .correction import retrain_from_scratch
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,8 @@ class Distillation(Method):
         self.name = self.NAME
         if not 0.0 <= float(self.lam) <= 1.0:
             raise ValueError(f"distillation option lam must be in [0, 1], got {self.lam}")
-        # phase 2 re-initialises itself after copying the teacher (see correction.py)
-        self.phases = (Phase("teacher", "trusted"), Phase("distill", "all", reinit=False))
+        # fit() re-initialises the student after begin_phase has copied the teacher
+        self.phases = (Phase("teacher", "trusted"), Phase("distill", "all", reinit=True))
         self.teacher: torch.nn.Module | None = None
 
     def setup(self, ctx):
@@ -80,7 +79,6 @@ class Distillation(Method):
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "distill":
             self.teacher = self._freeze(copy.deepcopy(ctx.model))
-            retrain_from_scratch(ctx)
 
     @torch.no_grad()
     def soft_targets(self, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
