@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from metacorrect.cli import _options
 from metacorrect.data import load_dataset
 from metacorrect.experiments import RunConfig, run_experiment
@@ -40,7 +42,10 @@ def main() -> None:
     parser.add_argument("--set", dest="mlc_options", action="append", metavar="KEY=VALUE",
                         help="an MLC option (e.g. update_every=1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: as fast for this small MLP, and robust on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     mlc_options = _options(args.mlc_options, "--set")
 
     dataset = load_dataset("mnist", args.data_dir)
