@@ -152,11 +152,21 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
             con.execute("UPDATE runs SET config_json = ?, fingerprint = 'old' WHERE run_id = ?",
                         (json.dumps(cfg_d), r["run_id"]))
     assert store.register(specs)["changed"] == 0
+    # asking explicitly for the option value a finished run resolved is the same run; pending runs
+    # simply take new settings
+    with store.transaction() as con:
+        con.execute("UPDATE runs SET status = 'done', resolved_json = ? WHERE run_id = ?",
+                    (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1}}), b["run_id"]))
+    mlc_one = load_sweep_config(write(tmp_path, TINY, "c.toml"), ["method_options.mlc.update_every=1"]).runs()
+    assert store.register(mlc_one)["changed"] == 0
+    mlc_two = load_sweep_config(write(tmp_path, TINY, "d.toml"), ["method_options.mlc.update_every=2"]).runs()
+    with pytest.raises(ValueError, match="1 run"):
+        store.register(mlc_two)
     # changed settings are refused unless asked for
     changed = load_sweep_config(write(tmp_path, TINY.replace("epochs = 3", "epochs = 4"), "b.toml")).runs()
     with pytest.raises(ValueError, match="made with other settings"):
         store.register(changed)
-    assert store.register(changed, on_changed="rerun")["changed"] == 4
+    assert store.register(changed, on_changed="rerun")["changed"] == 2  # the pending ones just take them
     assert store.counts()["done"] == 0
     store.close()
     other.close()

@@ -87,16 +87,27 @@ CREATE TABLE IF NOT EXISTS meta (
 IGNORED_SETTINGS = ("data_dir", "device")
 
 
-def same_settings(stored: dict, new: dict) -> bool:
+def same_settings(stored: dict, new: dict, resolved_method_options: dict | None = None) -> bool:
     """Whether a recorded run configuration and a new one give the same run: settings that
-    do not change results (where the data lives, the device) are ignored, and a setting
-    the record lacks (one added to :class:`RunConfig` since) counts as its default."""
+    do not change results (where the data lives, the device) are ignored, a setting the
+    record lacks (one added to :class:`RunConfig` since) counts as its default, and method
+    options are compared with the options the run resolved (defaults included) when it
+    recorded them — so asking explicitly for the value a default had then is the same run."""
     import dataclasses
     from .run import RunConfig
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
                 for f in dataclasses.fields(RunConfig)}
-    keys = (set(stored) | set(new)) - set(IGNORED_SETTINGS)
-    return all(stored.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in keys)
+    keys = (set(stored) | set(new)) - set(IGNORED_SETTINGS) - {"method_options"}
+    if not all(stored.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in keys):
+        return False
+    old_opts, new_opts = stored.get("method_options") or {}, new.get("method_options") or {}
+    if old_opts == new_opts:
+        return True
+    if resolved_method_options is None:
+        return False
+    # every option asked for now had that value then, and nothing asked for then is dropped now
+    return set(old_opts) <= set(new_opts) and all(
+        k in resolved_method_options and resolved_method_options[k] == v for k, v in new_opts.items())
 
 
 def db_path(sweep_dir: str | os.PathLike) -> Path:
@@ -189,9 +200,15 @@ class ResultsStore:
                     counts["new"] += 1
                     continue
                 counts["existing"] += 1
-                if row["fingerprint"] != fp and not same_settings(json.loads(
-                        con.execute("SELECT config_json FROM runs WHERE run_id = ?", (spec.run_id,)).fetchone()[0]),
-                        cfg.to_dict()):
+                full = con.execute("SELECT config_json, resolved_json, status FROM runs WHERE run_id = ?",
+                                   (spec.run_id,)).fetchone()
+                resolved = json.loads(full["resolved_json"]).get("method_options") if full["resolved_json"] else None
+                if row["fingerprint"] != fp and full["status"] == "pending":
+                    # never finished: it simply runs with the new settings
+                    con.execute("UPDATE runs SET config_json = ?, fingerprint = ? WHERE run_id = ?",
+                                (cfg_json, fp, spec.run_id))
+                elif row["fingerprint"] != fp and not same_settings(json.loads(full["config_json"]), cfg.to_dict(),
+                                                                    resolved):
                     changed.append(spec.run_id)
                     if on_changed == "rerun":
                         con.execute("UPDATE runs SET config_json = ?, fingerprint = ?, status = 'pending', claim = NULL, "

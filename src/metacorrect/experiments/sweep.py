@@ -86,8 +86,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
     try:
         specs = config.runs()
         with ResultsStore(db_path(out), create=True) as store:
+            recovered = store.recover(retry_failed=retry_failed)  # first: runs left running are pending again
             counts = store.register(specs, on_changed="rerun" if rerun_changed else "error")
-            recovered = store.recover(retry_failed=retry_failed)
             store.set_meta("config", config.to_dict())
             history = store.get_meta("invocations", [])
             history.append({"at": time.time(), "argv": sys.argv, "workers": workers, "limit": limit, "pid": os.getpid()})
