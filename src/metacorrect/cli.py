@@ -82,6 +82,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs per training phase")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest for small models "
+                        "and on a busy machine)")
 
 
 def _config_from_args(args):
@@ -99,6 +102,9 @@ def cmd_train(args) -> int:
     from .experiments.run import run_experiment
     from .progress import ProgressBar, epoch_line
     config = _config_from_args(args)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{Path(str(config.dataset)).stem}-{config.method}-{config.noise}{config.strength:g}"
                f"-t{config.trusted:g}-s{config.seed}")
     print(f"metacorrect {__version__}: {config.method} on {config.dataset} ({config.noise} s={config.strength:g}, "

@@ -18,7 +18,7 @@ can estimate T or keep a teacher from the network the previous phase trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -69,8 +69,8 @@ class Method:
 
     def options(self) -> dict[str, Any]:
         """The method's resolved options, for config.json."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("name", "phases")
-                and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))}
 
 
 def ce_step(ctx, x, y) -> torch.Tensor:
