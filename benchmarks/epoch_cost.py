@@ -102,10 +102,12 @@ def timing(args, ds):
     print(f"\nper-epoch {'wall' if args.clock == 'wall' else 'CPU'} time, median of {args.rounds} interleaved rounds "
           f"({args.noise[0]}, seed {args.seed}); "
           f"load average after {os.getloadavg()}")
-    print(f"  {'configuration':40s} {'s/epoch':>8s} {'× CE':>6s}   all epochs (s)")
+    print("  × CE: ratio of the medians; paired: median over rounds of (this epoch / the CE epoch of the same round)")
+    print(f"  {'configuration':40s} {'s/epoch':>8s} {'× CE':>6s} {'paired':>6s}   all epochs (s)")
     for name, _ in configs:
         med = statistics.median(times[name])
-        print(f"  {name:40s} {med:8.2f} {med / ce:6.2f}   {' '.join(f'{t:.2f}' for t in times[name])}")
+        paired = statistics.median(t / c for t, c in zip(times[name], times["ce"]))
+        print(f"  {name:40s} {med:8.2f} {med / ce:6.2f} {paired:6.2f}   {' '.join(f'{t:.2f}' for t in times[name])}")
 
 
 def accuracy(args, ds):

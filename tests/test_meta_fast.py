@@ -315,7 +315,7 @@ def test_mlc_actual_step_uses_the_new_T_or_with_reuse_the_old_one(reuse):
     model = tiny_mlp().double()
     before = copy.deepcopy(model)
     ctx = _mlc_ctx(model)
-    mlc = create_method("mlc", reuse_virtual_grad=reuse, meta_lr=0.05)
+    mlc = create_method("mlc", reuse_virtual_grad=reuse, meta_lr=0.05, update_every=1)
     mlc.setup(ctx)
     mlc.T = mlc.T.double()
     T_old = mlc.T.clone()
@@ -339,7 +339,7 @@ def test_mlc_meta_batch_slices_the_trusted_batch_for_the_meta_step_only():
     T0 = torch.eye(C, dtype=torch.float64)
     (g,) = engine(forward_corrected_loss, (T0,), xn, yn, xc[:5], yc[:5]).hypergrads
     ctx = _mlc_ctx(model)
-    mlc = create_method("mlc", meta_batch=5)
+    mlc = create_method("mlc", meta_batch=5, update_every=1)
     mlc.setup(ctx)
     mlc.T = T0.clone()
     mlc.step(ctx, (xn, yn), (xc, yc))
@@ -397,8 +397,7 @@ def test_primal_reuse_equals_plain_forward_mode_and_keeps_only_retained_outputs(
     for name in ("lenet", "resnet8"):
         model = create_model(name, (1, 28, 28), C).double().train()
         fast = MetaGradient(copy.deepcopy(model), 0.3, mode="fast", jvp="forward")
-        plain = MetaGradient(copy.deepcopy(model), 0.3, mode="fast", jvp="forward")
-        plain.reuse_primals = False
+        plain = MetaGradient(copy.deepcopy(model), 0.3, mode="fast", jvp="forward", reuse_primals=False)
         a = fast(forward_corrected_loss, (T,), xn, yn, xc, yc).hypergrads[0]
         b = plain(forward_corrected_loss, (T,), xn, yn, xc, yc).hypergrads[0]
         assert rel(a, b) < 1e-10
@@ -414,3 +413,21 @@ def test_primal_reuse_equals_plain_forward_mode_and_keeps_only_retained_outputs(
         convs = [m for m in cache.modules if isinstance(m, nn.Conv2d)]
         assert all((cache.outputs[id(m)][0] is not None) == kept for m in convs)
         del out
+
+
+def test_mlc_default_updates_T_every_third_step_starting_with_the_first():
+    torch.manual_seed(12)
+    model = tiny_mlp().double()
+    ctx = _mlc_ctx(model)
+    mlc = create_method("mlc")
+    assert mlc.update_every == 3
+    mlc.setup(ctx)
+    mlc.T = mlc.T.double()
+    calls = []
+    engine = mlc.engine
+    mlc.engine = lambda *a: calls.append(len(calls)) or engine(*a)
+    xn, yn = batch((6,), 12, 1)
+    xc, yc = batch((6,), 12, 2)
+    for _ in range(7):
+        mlc.step(ctx, (xn, yn), (xc, yc))
+    assert len(calls) == 3  # steps 1, 4 and 7

@@ -23,8 +23,12 @@ Two exact ways to get (3):
   graph) is the one the actual step reuses. Two routes to ``u``, equal to float rounding:
 
   - ``jvp='forward'``: one forward-mode JVP of the network along ``g_c``
-    (:mod:`torch.autograd.forward_ad`); it recomputes the primal activations alongside
-    the tangents and keeps no graph.
+    (:mod:`torch.autograd.forward_ad`), keeping no graph. Three layer rules make it
+    cheaper than generic forward-mode AD (:class:`_PrimalCache`): ``nn.Linear``/``nn.ConvNd``
+    take their primal output from the step's real forward (when the graph keeps it alive
+    anyway) and compute only their tangent; BatchNorm (batch statistics) has a closed-form
+    tangent; embedding lookups (which torch cannot differentiate in forward mode nor
+    twice) are linear in their table. Elsewhere primals are recomputed with the tangents.
   - ``jvp='reverse'``: the virtual step's backward is run as a VJP ``Jᵀv`` with the
     cotangent ``v = δ(θ)`` as a leaf and ``create_graph=True``; then ``u = ∂⟨g_c, Jᵀv⟩/∂v``
     is one backward through that backward graph. It reuses the noisy forward's saved
@@ -32,8 +36,8 @@ Two exact ways to get (3):
     layer instead of three) but holds the backward graph until ``u`` is known (more
     memory). Random layers (dropout) need no replay here.
 
-  ``jvp='auto'`` (default) picks by measurement (docs/PERFORMANCE.md): ``'reverse'`` when
-  the model has no convolution and no BatchNorm layer, ``'forward'`` otherwise.
+  ``jvp='auto'`` (default) picks by measurement (docs/PERFORMANCE.md): ``'forward'`` when
+  the model has a convolution, a BatchNorm or an embedding layer, ``'reverse'`` otherwise.
 
 Both exact paths pass parameters functionally by swapping the model's parameter slots for
 the duration of a pass (:func:`swapped_parameters`; same effect as
@@ -45,11 +49,14 @@ noisy batch updates them, exactly as a plain training step would. Dropout and ot
 random layers are made consistent by replaying the RNG state of the noisy forward in the
 JVP forward.
 
-Fallbacks (logged once, reason in ``fallback_reason``): a custom differentiable
-``virtual_update`` (anything other than plain SGD) uses ``reference``; in ``auto`` mode a
+Fallbacks (each switch logged once, reason in ``fallback_reason``): a custom
+differentiable ``virtual_update`` (anything other than plain SGD) uses ``reference``. A
 model operation without forward-mode AD support switches ``jvp='forward'`` to
-``'reverse'`` when that works, else to ``reference``; an operation without double-backward
-support switches ``'reverse'`` to ``'forward'``. In ``fast`` mode these are errors.
+``'reverse'``; one without double-backward support (including ``@once_differentiable``
+backwards, which autograd would silently drop from a second derivative — checked on the
+first call) switches ``'reverse'`` to ``'forward'``; when neither route works, ``auto``
+mode uses ``reference`` and ``fast`` mode raises. A failed first attempt leaves no trace
+(BatchNorm buffers and the RNG state are restored).
 
 CPU allocator: creating an engine calls :func:`metacorrect.perf.tune_allocator` once per
 process (glibc malloc thresholds; opt out with ``METACORRECT_NO_TUNE_ALLOCATOR=1``).
@@ -406,6 +413,8 @@ class MetaGradient:
             SGD in the virtual step; forces the reference path.
         jvp: how the fast mode gets ``u = J·g_clean``: ``'forward'`` (forward-mode AD),
             ``'reverse'`` (a backward through the virtual step's backward) or ``'auto'``.
+        reuse_primals: in the forward route, use the layer rules of :class:`_PrimalCache`
+            (default); ``False`` runs plain forward-mode AD (for comparison and tests).
     """
 
     MODES = ("auto", "fast", "reference")
@@ -413,7 +422,7 @@ class MetaGradient:
 
     def __init__(self, model: nn.Module, virtual_lr: float, mode: str = "auto",
                  clean_loss: CleanLoss = F.cross_entropy, virtual_update: VirtualUpdate | None = None,
-                 jvp: str = "auto"):
+                 jvp: str = "auto", reuse_primals: bool = True):
         if mode not in self.MODES:
             raise ValueError(f"meta-gradient mode must be one of {self.MODES}, got {mode!r}")
         if jvp not in self.JVP_ROUTES:
@@ -431,7 +440,7 @@ class MetaGradient:
         self._verified = False  # a fast call has succeeded on this model
         self._verified_reference = False
         self._cache: _PrimalCache | None = None
-        self.reuse_primals = True  # forward route: linear layers reuse the real forward's outputs
+        self.reuse_primals = bool(reuse_primals)
         if virtual_update is not None and mode != "reference":
             self._fall_back("a custom virtual update (not plain SGD) needs the double-backward reference path",
                             strict=mode == "fast")
