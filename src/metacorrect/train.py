@@ -210,15 +210,21 @@ def _cycle(loader: Iterable):
             raise ValueError("the trusted loader is empty")
 
 
+def _steps(kind: str, noisy: Iterable, trusted: Iterable) -> int:
+    """Steps in one epoch of a stream (from the loaders' lengths: no iterator is created, so no
+    loader draws from an RNG here)."""
+    return {"paired": len(noisy), "all": len(noisy) + len(trusted), "noisy": len(noisy)}.get(kind, len(trusted))
+
+
 def _stream(kind: str, noisy: Iterable, trusted: Iterable, generator: torch.Generator):
-    """(number of steps, iterator of (noisy, trusted) batch pairs) for one epoch."""
+    """The (noisy, trusted) batch pairs of one epoch."""
     if kind == "paired":
-        return len(noisy), zip(noisy, _cycle(trusted))
+        return zip(noisy, _cycle(trusted))
     if kind == "all":
-        return len(noisy) + len(trusted), _interleave(noisy, trusted, generator)
+        return _interleave(noisy, trusted, generator)
     if kind == "noisy":
-        return len(noisy), ((b, None) for b in noisy)
-    return len(trusted), ((None, b) for b in trusted)
+        return ((b, None) for b in noisy)
+    return ((None, b) for b in trusted)
 
 
 @torch.no_grad()
@@ -317,7 +323,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     checked_width = False
     for p_index in range(first_phase, len(method.phases)):
         phase = method.phases[p_index]
-        steps, _ = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+        steps = _steps(phase.stream, noisy_loader, trusted_loader)
         ctx.steps_per_epoch = steps
         ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
         resuming_here = p_index == first_phase and first_epoch > 0
@@ -336,7 +342,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             ctx.epoch_in_phase = epoch
             t0 = time.perf_counter()
             total = torch.zeros((), device=device)
-            _, pairs = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+            pairs = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
             for i, (nb, tb) in enumerate(pairs):
                 nb = None if nb is None else (ctx.to_device(nb[0]), nb[1].to(device, non_blocking=True))
                 tb = None if tb is None else (ctx.to_device(tb[0]), tb[1].to(device, non_blocking=True))
