@@ -299,6 +299,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
 
     history: list[dict] = []
     first_phase, first_epoch = 0, 0
+    resumed_scheduler = None
     elapsed_before = 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and resume and ckpt.exists():
@@ -318,7 +319,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         elapsed_before = state.get("elapsed", 0.0)
         if first_epoch >= epochs:
             first_phase, first_epoch = first_phase + 1, 0
-        ctx._resumed_scheduler = state.get("scheduler")
+        resumed_scheduler = state.get("scheduler")
 
     checked_width = False
     for p_index in range(first_phase, len(method.phases)):
@@ -328,8 +329,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
         resuming_here = p_index == first_phase and first_epoch > 0
         if resuming_here:
-            if ctx.scheduler is not None and getattr(ctx, "_resumed_scheduler", None) is not None:
-                ctx.scheduler.load_state_dict(ctx._resumed_scheduler)
+            if ctx.scheduler is not None and resumed_scheduler is not None:
+                ctx.scheduler.load_state_dict(resumed_scheduler)
         else:
             # begin_phase first: it may still need the previous phase's network (to estimate T,
             # to keep a teacher); the re-initialisation comes after it

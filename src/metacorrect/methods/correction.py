@@ -145,7 +145,7 @@ class Forward(_CorrectionMethod):
 
 @register_method
 @dataclass
-class ForwardGold(_CorrectionMethod):
+class ForwardGold(Forward):
     """GLC's ``forward_gold``: ``T̂`` by anchor points as ``forward`` (over all training
     data, ``T[i, j] = P(noisy=j | true=i)``), from a network trained on the noisy data
     only; phase 2 as ``glc`` (corrected loss on noisy batches, cross-entropy on trusted).
@@ -155,11 +155,8 @@ class ForwardGold(_CorrectionMethod):
     """
 
     NAME = "forward_gold"
-
-    anchor_percentile: float | None = 97.0
-
-    def estimate(self, ctx):
-        return anchor_estimate(training_probs(ctx), ctx.num_classes, percentile=self.anchor_percentile)
+    ESTIMATE_STREAM = "noisy"
+    CORRECT_TRUSTED = False
 
 
 @register_method
