@@ -431,3 +431,41 @@ def test_mlc_default_updates_T_every_third_step_starting_with_the_first():
     for _ in range(7):
         mlc.step(ctx, (xn, yn), (xc, yc))
     assert len(calls) == 3  # steps 1, 4 and 7
+
+
+class SharedNormNet(nn.Module):
+    """One BatchNorm layer applied twice per forward, a BatchNorm without affine parameters
+    and a BatchNorm1d: the JVP's BatchNorm rule must pair each call with its own statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc1, self.bn1d, self.fc2 = nn.Linear(3 * 4 * 4, 5), nn.BatchNorm1d(5, affine=False), nn.Linear(5, C)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.tanh(self.bn(self.conv2(h)) + h)
+        return self.fc2(torch.relu(self.bn1d(self.fc1(h.flatten(1)))))
+
+
+@pytest.mark.parametrize("loss_fn", [forward_corrected_loss, logit_corrected_loss], ids=["T_on_probs", "T_on_logits"])
+def test_batchnorm_jvp_rule_with_recorded_statistics_equals_the_reference(loss_fn):
+    from metacorrect.meta import _PrimalCache
+    torch.manual_seed(5)
+    model = SharedNormNet().double().train()
+    xn, yn = batch((1, 4, 4), 10, 1)
+    xc, yc = batch((1, 4, 4), 10, 2)
+    T = random_T(4)
+    ref = hypergrads(model, "reference", loss_fn, (T,), xn, yn, xc, yc)[0]
+    fast = hypergrads(model, "fast", loss_fn, (T,), xn, yn, xc, yc, jvp="forward")[0]
+    plain = MetaGradient(copy.deepcopy(model), 0.3, mode="fast", jvp="forward", reuse_primals=False)
+    assert rel(fast, ref) < 1e-10
+    assert rel(plain(loss_fn, (T,), xn, yn, xc, yc).hypergrads[0], ref) < 1e-10
+    # the rule really runs on statistics recorded from the real forward: two per shared layer
+    cache = _PrimalCache(model)
+    with cache.record():
+        model(xn)
+    counts = {type(m).__name__ + str(m.num_features): len(cache.stats[id(m)]) for m in cache.norms}
+    assert counts == {"BatchNorm2d3": 2, "BatchNorm1d5": 1}
+    assert all(s is not None for m in cache.norms for s in cache.stats[id(m)])

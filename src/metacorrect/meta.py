@@ -151,6 +151,7 @@ class _PrimalCache:
             if enabled else []
         self.key = tuple(id(m) for m in model.modules())
         self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.stats: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
     def stale(self, model: nn.Module) -> bool:
         return self.key != tuple(id(m) for m in model.modules())
@@ -158,12 +159,17 @@ class _PrimalCache:
     @contextlib.contextmanager
     def record(self):
         self.outputs = {id(m): [] for m in self.modules}
+        self.stats = {id(m): [] for m in self.norms}
 
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
                 self.outputs[id(module)].append(output.detach())
 
-        handles = [m.register_forward_hook(hook) for m in self.modules]
+        def norm_hook(module, args, output):
+            self.stats[id(module)].append(_batch_stats(module, output))
+
+        handles = [m.register_forward_hook(hook) for m in self.modules] \
+            + [m.register_forward_hook(norm_hook) for m in self.norms]
         try:
             yield
         finally:
@@ -188,13 +194,13 @@ class _PrimalCache:
         for m in self.modules:
             m.forward = _TangentForward(m, self.outputs.get(id(m), []))
         for m in self.norms:
-            m.forward = _BatchNormJvp(m)
+            m.forward = _BatchNormJvp(m, self.stats.get(id(m), []))
         try:
             yield
         finally:
             for m in self.modules + self.norms:
                 vars(m).pop("forward", None)
-            self.outputs = {}
+            self.outputs, self.stats = {}, {}
 
 
 def _storage_refs(t: torch.Tensor) -> int:
@@ -272,41 +278,73 @@ class _TangentForward:
         return out if w_t is None else fwAD.make_dual(out, look(w_t))
 
 
-class _BatchNormJvp:
-    """A BatchNorm layer's forward inside the JVP pass (batch statistics), with the tangent in
-    closed form, ``ẏ = a·ẋ + x̂·(ẇ − a·mean(ẋ·x̂)) + (ḃ − a·mean(ẋ))``, ``a = w/σ`` per
-    channel: a few passes over the activation where forward-mode AD's generic rule makes
-    about twice as many."""
+def _batch_stats(module: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch mean and inverse standard deviation a BatchNorm layer in training mode just
+    used, as its native backward node saved them (``None`` where that node is another kind,
+    e.g. cuDNN's, or the layer normalised with running statistics)."""
+    node = getattr(output, "grad_fn", None)
+    if not module.training or node is None or type(node).__name__ != "NativeBatchNormBackward0":
+        return None
+    mean, invstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(invstd, torch.Tensor) or mean.numel() == 0:
+        return None
+    return mean.detach(), invstd.detach()
 
-    def __init__(self, module: nn.Module):
+
+class _BatchNormJvp:
+    """A BatchNorm layer's forward inside the JVP pass (batch statistics). With ``a = w·σ⁻¹``
+    per channel, ``x̂ = (x − μ)·σ⁻¹`` and means over the ``n`` values of a channel:
+
+        ẏ = a·(ẋ − mean(ẋ) − x̂·mean(ẋ·x̂)) + x̂·ẇ + ḃ  =  a·ẋ + x·c₁ + c₀,
+        c₁ = σ⁻¹·(ẇ − a·mean(ẋ·x̂)),   c₀ = ḃ − a·mean(ẋ) − μ·c₁
+
+    (``c₀``, ``c₁`` per channel). The two sums come from one reduction pass of the fused
+    ``native_batch_norm_backward`` kernel (they are its weight and bias gradients for an
+    incoming gradient ``ẋ``), and the tangent is two elementwise passes. The batch
+    statistics come from the step's real forward of the same batch (:func:`_batch_stats`,
+    recorded by :class:`_PrimalCache`), so the primal output is one ``addcmul`` instead of a
+    second normalisation; where they were not recorded, one ``native_batch_norm`` call
+    recomputes them with the output. (Generic forward-mode AD makes about three times as
+    many passes over the activation.)"""
+
+    def __init__(self, module: nn.Module, stats: list | None = None):
         self.module = module
+        self.stats = stats if stats is not None else []
 
     def __call__(self, x, *rest, **kw):
         m = self.module
+        stats = self.stats.pop(0) if self.stats else None
         if rest or kw or not isinstance(x, torch.Tensor) or not (m.training or m.running_mean is None) \
                 or (m.track_running_stats and m.running_mean is not None) or x.ndim < 2:
             return type(m).forward(m, x, *rest, **kw)  # running statistics in play: the generic rule
         x_p, x_t = fwAD.unpack_dual(x)
         w_p, w_t = fwAD.unpack_dual(m.weight) if m.weight is not None else (None, None)
         b_p, b_t = fwAD.unpack_dual(m.bias) if m.bias is not None else (None, None)
-        dims = [0, *range(2, x_p.ndim)]
         shape = [1, -1] + [1] * (x_p.ndim - 2)
-        y, mean, invstd = torch.native_batch_norm(x_p, w_p, b_p, None, None, True, 0.0, m.eps)
-        mean, invstd = mean.view(shape), invstd.view(shape)
+        if stats is not None and stats[0].shape == (x_p.shape[1],) and stats[0].dtype == x_p.dtype:
+            mean, invstd = stats
+            a = invstd if w_p is None else invstd * w_p
+            shift = -mean * a if b_p is None else b_p - mean * a
+            y = torch.addcmul(shift.view(shape), x_p, a.view(shape))
+        else:
+            y, mean, invstd = torch.native_batch_norm(x_p, w_p, b_p, None, None, True, 0.0, m.eps)
+            a = invstd if w_p is None else invstd * w_p
         if w_t is None and b_t is None and x_t is None:
             return y
-        xhat = torch.addcmul(-mean * invstd, x_p, invstd)
-        a = invstd if w_p is None else invstd * w_p.view(shape)
-        const = torch.zeros_like(a) if b_t is None else b_t.view(shape).expand_as(a).clone()
-        coef = torch.zeros_like(a) if w_t is None else w_t.view(shape).expand_as(a).clone()
+        c1 = torch.zeros_like(a) if w_t is None else w_t.to(a.dtype).clone()
+        c0 = torch.zeros_like(a) if b_t is None else b_t.to(a.dtype).clone()
         if x_t is not None:
             n = x_p.numel() // x_p.shape[1]
-            const.sub_(a * x_t.sum(dims, keepdim=True), alpha=1.0 / n)
-            coef.sub_(a * (x_t * xhat).sum(dims, keepdim=True), alpha=1.0 / n)
-            tangent = torch.addcmul(const, x_t, a)
-        else:
-            tangent = const.expand_as(x_p).clone()
-        return fwAD.make_dual(y, tangent.addcmul_(xhat, coef))
+            _, sum_tx, sum_t = torch.ops.aten.native_batch_norm_backward(
+                x_t, x_p, None, None, None, mean, invstd, True, m.eps, [False, True, True])
+            c1.sub_(a * sum_tx, alpha=1.0 / n)
+            c0.sub_(a * sum_t, alpha=1.0 / n)
+        c1.mul_(invstd)
+        c0.sub_(mean * c1)
+        tangent = torch.addcmul(c0.view(shape), x_p, c1.view(shape))
+        if x_t is not None:
+            tangent.addcmul_(x_t, a.view(shape))
+        return fwAD.make_dual(y, tangent)
 
 
 class _RngReplay:
