@@ -196,3 +196,48 @@ def test_mlc_glc_initialisation_starts_from_the_glc_estimate_of_the_phase_one_ne
         num_classes=3)
     assert np.allclose(captured["T0"], captured["expected"], atol=1e-6)
     assert np.abs(captured["T0"] - 1 / 3).max() > 0.05  # not the near-uniform T of a fresh network
+
+
+def test_trusted_only_min_updates_adds_passes_per_epoch_and_resumes_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    steps = []
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, inp):
+            if self.training and torch.is_grad_enabled():
+                steps.append(len(inp))
+            return self.lin(inp)
+
+    def train(min_updates, epochs=2, **kw):
+        steps.clear()
+        torch.manual_seed(0)
+        model = Counting()
+        result = fit(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+                     TensorBatchLoader(x, y, 16, seed=1), method="trusted_only", min_updates=min_updates,
+                     epochs=epochs, num_classes=3, device="cpu", **kw)
+        return result, list(steps)
+
+    _, plain = train(0)
+    assert len(plain) == 2 * 3  # 2 epochs of 3 batches
+    result, more = train(50)
+    assert len(more) == 2 * 3 * 9  # ⌈50 / (2·3)⌉ = 9 passes per epoch: 54 updates >= 50
+    assert [m["phase_epoch"] for m in result.history] == [1, 2]  # still two epochs
+    # interrupted after its first epoch's checkpoint and resumed: the same weights
+    full = train(50, epochs=3, checkpoint_path=tmp_path / "full.pt")[0].model.state_dict()
+
+    def stop(metrics):
+        if metrics["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(50, epochs=3, checkpoint_path=tmp_path / "cut.pt", callbacks=[stop])
+    resumed = train(50, epochs=3, checkpoint_path=tmp_path / "cut.pt", resume=True)[0].model.state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    with pytest.raises(ValueError, match="min_updates"):
+        fit(Counting(), torch.optim.SGD(Counting().parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+            TensorBatchLoader(x, y, 16), method="trusted_only", min_updates=-1, num_classes=3, device="cpu")

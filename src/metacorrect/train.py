@@ -14,6 +14,7 @@ from its last finished epoch and ends with the same weights and T as an uninterr
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import time
@@ -317,14 +318,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         history = state["history"]
         first_phase, first_epoch = state["phase"], state["epoch"]
         elapsed_before = state.get("elapsed", 0.0)
-        if first_epoch >= epochs:
-            first_phase, first_epoch = first_phase + 1, 0
         resumed_scheduler = state.get("scheduler")
 
     checked_width = False
     for p_index in range(first_phase, len(method.phases)):
         phase = method.phases[p_index]
-        steps = _steps(phase.stream, noisy_loader, trusted_loader)
+        if p_index == first_phase and first_epoch >= epochs:
+            first_epoch = 0  # the checkpoint ended this phase: the next one begins afresh
+            continue
+        passes = phase.passes_per_epoch(epochs, _steps(phase.stream, noisy_loader, trusted_loader))
+        steps = passes * _steps(phase.stream, noisy_loader, trusted_loader)
         ctx.steps_per_epoch = steps
         ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
         resuming_here = p_index == first_phase and first_epoch > 0
@@ -343,7 +346,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             ctx.epoch_in_phase = epoch
             t0 = time.perf_counter()
             total = torch.zeros((), device=device)
-            pairs = _stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+            pairs = itertools.chain.from_iterable(_stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+                                                  for _ in range(passes))
             for i, (nb, tb) in enumerate(pairs):
                 nb = None if nb is None else (ctx.to_device(nb[0]), nb[1].to(device, non_blocking=True))
                 tb = None if tb is None else (ctx.to_device(tb[0]), tb[1].to(device, non_blocking=True))

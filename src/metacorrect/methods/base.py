@@ -10,6 +10,10 @@ A method declares its :class:`Phase` s. Each phase runs ``epochs`` epochs over o
 * ``'noisy'``   — the noisy loader alone;
 * ``'trusted'`` — the trusted loader alone.
 
+A phase may ask for ``min_updates``: each epoch then makes several passes over its stream
+(``Phase.passes_per_epoch``), as GLC's gold-only baseline trains at least 2,000 updates
+however small the trusted set.
+
 ``step(ctx, noisy, trusted)`` gets ``(x, y)`` tuples (either may be ``None`` in a single
 stream) and returns the batch loss as a detached tensor. ``begin_phase`` runs once when a
 phase starts (not again on resume), before a ``reinit`` phase re-initialises the model: it
@@ -18,6 +22,7 @@ can estimate T or keep a teacher from the network the previous phase trained.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -35,10 +40,21 @@ class Phase:
     # re-initialise the model and optimizer when the phase begins, *after* ``begin_phase``
     # (which may still use the previous phase's network, e.g. to estimate T)
     reinit: bool = False
+    # at least this many updates in the phase: when ``epochs`` passes over the stream make
+    # fewer, each epoch makes ⌈min_updates / (epochs · steps per pass)⌉ passes (so the number
+    # of epochs, evaluations and checkpoints stays as asked)
+    min_updates: int = 0
 
     def __post_init__(self):
         if self.stream not in STREAMS:
             raise ValueError(f"unknown stream {self.stream!r}; expected one of {STREAMS}")
+        if self.min_updates < 0:
+            raise ValueError(f"min_updates must be >= 0, got {self.min_updates}")
+
+    def passes_per_epoch(self, epochs: int, steps_per_pass: int) -> int:
+        if self.min_updates <= 0 or steps_per_pass <= 0:
+            return 1
+        return max(1, math.ceil(self.min_updates / (epochs * steps_per_pass)))
 
 
 @dataclass

@@ -28,13 +28,19 @@ class CrossEntropy(Method):
 @dataclass
 class TrustedOnly(Method):
     """Cross-entropy on the trusted set alone (GLC's "Trusted only"). An epoch is one pass
-    over the trusted set."""
+    over the trusted set, or several when ``min_updates`` asks for more updates than
+    ``epochs`` passes make (GLC's gold-only scripts train at least 2,000 updates:
+    ``max(epochs, 1 + 2000 // batches)`` epochs; the GLC-protocol presets set
+    ``min_updates=2000``)."""
 
     NAME = "trusted_only"
+    min_updates: int = 0
 
     def __post_init__(self):
         self.name = self.NAME
-        self.phases = (Phase("train", "trusted"),)
+        if int(self.min_updates) != self.min_updates or self.min_updates < 0:
+            raise ValueError(f"min_updates must be an integer >= 0, got {self.min_updates!r}")
+        self.phases = (Phase("train", "trusted", min_updates=int(self.min_updates)),)
 
     def step(self, ctx, noisy, trusted):
         return ce_step(ctx, *trusted)
