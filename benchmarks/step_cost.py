@@ -81,6 +81,9 @@ def variants(k_every: int, meta_batch: int | None):
         ("MLC fast reuse-grad (approx.), trusted_ce on", dict(every, meta_mode="fast", reuse_virtual_grad=True)),
         ("MLC fast reuse-grad (approx.), trusted_ce off", dict(every, meta_mode="fast", reuse_virtual_grad=True,
                                                                 trusted_ce=False)),
+        ("MLC head-only (approx.), trusted_ce on", dict(every, meta_mode="fast", meta_scope="head")),
+        ("MLC head-only (approx.), trusted_ce off", dict(every, meta_mode="fast", meta_scope="head",
+                                                         trusted_ce=False)),
     ]
     return out
 

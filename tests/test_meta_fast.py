@@ -469,3 +469,45 @@ def test_batchnorm_jvp_rule_with_recorded_statistics_equals_the_reference(loss_f
     counts = {type(m).__name__ + str(m.num_features): len(cache.stats[id(m)]) for m in cache.norms}
     assert counts == {"BatchNorm2d3": 2, "BatchNorm1d5": 1}
     assert all(s is not None for m in cache.norms for s in cache.stats[id(m)])
+
+
+@pytest.mark.parametrize("loss_fn", [forward_corrected_loss, logit_corrected_loss], ids=["T_on_probs", "T_on_logits"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn_bn"])
+def test_head_scope_closed_form_equals_its_reference_and_differs_from_the_exact_one(kind, loss_fn):
+    make, shape, n = CASES[kind]
+    torch.manual_seed(7)
+    model = make().double().train()
+    xn, yn = batch(shape, n, 1)
+    xc, yc = batch(shape, n, 2)
+    T = random_T(5)
+
+    def run(mode, scope):
+        engine = MetaGradient(copy.deepcopy(model), 0.3, mode=mode, scope=scope)
+        return engine(loss_fn, (T,), xn, yn, xc, yc)
+
+    fast, ref = run("fast", "head"), run("reference", "head")
+    assert fast.mode == "head"
+    assert rel(fast.hypergrads[0], ref.hypergrads[0]) < 1e-10
+    assert abs(float(fast.clean_loss) - float(ref.clean_loss)) < 1e-12
+    exact = run("reference", "all").hypergrads[0]
+    assert rel(fast.hypergrads[0], exact) > 1e-3  # an approximation: the body's move is ignored
+
+
+def test_head_scope_needs_a_linear_output_layer_called_once():
+    with pytest.raises(ValueError, match="nn.Linear"):
+        MetaGradient(nn.Sequential(nn.Conv2d(1, C, 3), nn.Flatten()), 0.1, scope="head")
+
+    class TwiceHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(C, C)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    xn, yn = batch((C,), 6, 1)
+    engine = MetaGradient(TwiceHead().double(), 0.1, scope="head")
+    with pytest.raises(ValueError, match="called 2 times"):
+        engine(forward_corrected_loss, (random_T(1),), xn, yn, xn, yn)
+    with pytest.raises(ValueError, match="scope"):
+        MetaGradient(tiny_mlp(), 0.1, scope="body")

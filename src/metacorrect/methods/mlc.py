@@ -98,6 +98,11 @@ class MLC(Method):
         meta_jvp: the fast mode's route to the Jacobian-vector product: ``'auto'``,
             ``'forward'`` or ``'reverse'`` (see :mod:`metacorrect.meta`; equal results to
             float rounding, different speed and memory).
+        meta_scope: ``'all'`` (default, exact) or ``'head'``: an approximation, off by
+            default — the virtual step moves only the output layer (the last ``nn.Linear``),
+            so the meta step costs about one forward of the trusted batch instead of two
+            backward passes and a JVP, but T is learned as if the body were fixed
+            (:mod:`metacorrect.meta`). ``reuse_virtual_grad`` has no effect with it.
     """
 
     NAME = "mlc"
@@ -117,13 +122,15 @@ class MLC(Method):
     warmup_epochs: int = 0
     meta_mode: str = "auto"
     meta_jvp: str = "auto"
+    meta_scope: str = "all"
 
     def __post_init__(self):
         self.name = self.NAME
         for opt, value, allowed in (("meta_lr_schedule", self.meta_lr_schedule, ("constant", "cosine")),
                                     ("grad_norm", self.grad_norm, ("max", "none")),
                                     ("t_space", self.t_space, tuple(CORRECTED_LOSSES)),
-                                    ("normalise", self.normalise, ("rows", "columns"))):
+                                    ("normalise", self.normalise, ("rows", "columns")),
+                                    ("meta_scope", self.meta_scope, MetaGradient.SCOPES)):
             if value not in allowed:
                 raise ValueError(f"mlc option {opt} must be one of {allowed}, got {value!r}")
         if int(self.update_every) < 1:
@@ -155,7 +162,8 @@ class MLC(Method):
         else:
             T0 = check_transition_matrix(self.t_init, "t_init", C)
         self.T = torch.tensor(T0, dtype=torch.float32, device=ctx.device)
-        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp)
+        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp,
+                                   scope=self.meta_scope)
 
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "mlc" and len(self.phases) == 2:
