@@ -300,12 +300,29 @@ def collect_results(run_dir: Path, summary: dict) -> dict:
     resolved["device"] = cfg.get("device")
     versions = dict(cfg.get("versions", {}))
     versions.setdefault("git", _git_revision())
-    return {"resolved_json": json.dumps(resolved, default=str), "epochs_json": json.dumps(epochs),
-            "epochs_done": len(epochs), "final_json": json.dumps(summary, default=str), "test_acc": acc,
+    return {"resolved_json": _compact_json(resolved), "epochs_json": _compact_json(_rounded(epochs, 7)),
+            "epochs_done": len(epochs), "final_json": _compact_json(summary), "test_acc": acc,
             "test_error": None if acc is None else 1.0 - acc, "t_error": summary.get("t_error"),
-            "T_hat_json": None if T_hat is None else json.dumps(T_hat),
-            "T_true_json": None if T_true is None else json.dumps(T_true),
-            "versions_json": json.dumps(versions), "wall_s": summary.get("wall_s")}
+            "T_hat_json": None if T_hat is None else _compact_json(_rounded(T_hat, 7)),
+            "T_true_json": None if T_true is None else _compact_json(_rounded(T_true, 12)),
+            "versions_json": _compact_json(versions), "wall_s": summary.get("wall_s")}
+
+
+def _rounded(value, digits: int):
+    """Floats rounded to ``digits`` significant digits, in nested lists and dicts. The
+    database is committed with the results: ``T̂`` is float32 (7 digits carry all of it)
+    and its float64 repr would double the row."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    return value
+
+
+def _compact_json(value) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
 
 
 _GIT: list = []
