@@ -241,3 +241,41 @@ def test_trusted_only_min_updates_adds_passes_per_epoch_and_resumes_exactly(tmp_
     with pytest.raises(ValueError, match="min_updates"):
         fit(Counting(), torch.optim.SGD(Counting().parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
             TensorBatchLoader(x, y, 16), method="trusted_only", min_updates=-1, num_classes=3, device="cpu")
+
+
+def test_fused_optimizer_setting_builds_the_fused_kernel_and_keeps_old_fingerprints():
+    import hashlib
+    from metacorrect.experiments.run import build_optimizer
+    plain, fused = small_config(), small_config(fused_optimizer=True)
+    d = plain.to_dict()
+    for key in ("data_dir", "device", "fused_optimizer"):
+        d.pop(key)
+    # a run recorded before the setting existed keeps its fingerprint (and its checkpoint)
+    assert plain.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert fused.fingerprint() != plain.fingerprint()
+    model = nn.Linear(3, 2)
+    assert build_optimizer(fused, model).defaults["fused"] is True
+    assert not build_optimizer(plain, model).defaults.get("fused")
+
+
+def test_fit_flushes_subnormal_floats_on_cpu_unless_opted_out(monkeypatch):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+    subnormal = torch.tensor(1e-39)  # below float32's smallest normal number, 1.18e-38
+
+    def train():
+        model = nn.Linear(4, 2)
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+            TensorBatchLoader(x, y, 8), method="ce", epochs=1, num_classes=2, device="cpu")
+
+    try:
+        monkeypatch.setenv("METACORRECT_KEEP_DENORMALS", "1")
+        train()
+        assert float(subnormal * 1.0) != 0.0
+        monkeypatch.delenv("METACORRECT_KEEP_DENORMALS")
+        train()
+        assert float(subnormal * 1.0) == 0.0
+    finally:
+        torch.set_flush_denormal(False)

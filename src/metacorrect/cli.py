@@ -76,6 +76,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd"])
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--fused-optimizer", action="store_true",
+                   help="torch's fused optimizer kernel (torch >= 2.4): much faster for the text models' "
+                        "embedding tables; equal to float rounding")
     g.add_argument("--scheduler", default=d.scheduler, choices=["none", "cosine"])
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--trusted-batch-size", type=int, default=None, help="default: the batch size")
@@ -93,6 +96,7 @@ def _config_from_args(args):
                      trusted=args.trusted, validation=args.validation, label_set=args.label_set,
                      method=args.method, method_options=_options(args.method_options, "--set"),
                      model=args.model, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                     fused_optimizer=args.fused_optimizer,
                      scheduler=args.scheduler, batch_size=args.batch_size,
                      trusted_batch_size=args.trusted_batch_size, epochs=args.epochs, seed=args.seed,
                      device=args.device)
