@@ -172,6 +172,26 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     other.close()
 
 
+def test_compact_rounds_T_and_epoch_floats_and_leaves_a_self_contained_small_file(tmp_path):
+    specs = load_sweep_config(write(tmp_path, TINY)).runs()
+    store = ResultsStore(tmp_path / DB_NAME, create=True)
+    store.register(specs)
+    run = store.claim("a")
+    T_hat = [[0.1 + 1e-12 * i + 1 / 3 for i in range(3)] for _ in range(3)]
+    epochs = [{"epoch": 1, "train_loss": 2 / 3, "test_acc": 0.5, "phase": "train"}]
+    with store.transaction() as con:  # a row recorded before the rounding
+        con.execute("UPDATE runs SET epochs_json = ?, T_hat_json = ? WHERE run_id = ?",
+                    (json.dumps(epochs), json.dumps(T_hat), run["run_id"]))
+    before = len(store.con.execute("SELECT T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0])
+    store.compact()
+    row = store.con.execute("SELECT epochs_json, T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()
+    assert json.loads(row["T_hat_json"]) == [[0.4333333] * 3] * 3 and len(row["T_hat_json"]) < 0.6 * before
+    assert json.loads(row["epochs_json"]) == [{"epoch": 1, "train_loss": 0.6666667, "test_acc": 0.5, "phase": "train"}]
+    store.close()
+    wal = tmp_path / (DB_NAME + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # everything is in the database file itself
+
+
 def test_failed_runs_are_recorded_with_their_error(tmp_path, monkeypatch):
     from metacorrect.experiments import sweep as sweep_mod
     cfg = load_sweep_config(write(tmp_path, TINY), ["methods=ce", "strengths=[0.2]", "epochs=1"])

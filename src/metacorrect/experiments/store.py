@@ -110,6 +110,23 @@ def same_settings(stored: dict, new: dict, resolved_method_options: dict | None 
         k in resolved_method_options and resolved_method_options[k] == v for k, v in new_opts.items())
 
 
+def rounded(value, digits: int):
+    """Floats rounded to ``digits`` significant digits, in nested lists and dicts. The
+    database is committed with the results: ``T̂`` is float32 (7 digits carry all of it)
+    and its float64 repr would double the row."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
+
+
+def compact_json(value) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
 def db_path(sweep_dir: str | os.PathLike) -> Path:
     return Path(sweep_dir) / DB_NAME
 
@@ -162,6 +179,22 @@ class ResultsStore:
             self.con.execute(f"PRAGMA wal_checkpoint({'PASSIVE' if passive else 'TRUNCATE'})")
         except sqlite3.OperationalError:  # pragma: no cover - busy: the next one will do
             pass
+
+    def compact(self) -> None:
+        """Store every finished run's T and per-epoch metrics as :func:`compact_results` does
+        (rows recorded before that rounding get it too), then rewrite the file without free
+        pages (``VACUUM``): the database is committed with the results, so it should stay
+        small. Call it when no other process uses the database."""
+        rows = self.con.execute("SELECT run_id, epochs_json, T_hat_json, T_true_json FROM runs "
+                                "WHERE epochs_json IS NOT NULL OR T_hat_json IS NOT NULL").fetchall()
+        with self.transaction() as con:
+            for r in rows:
+                con.execute("UPDATE runs SET epochs_json = ?, T_hat_json = ?, T_true_json = ? WHERE run_id = ?",
+                            (*(None if r[k] is None else compact_json(rounded(json.loads(r[k]), digits))
+                               for k, digits in (("epochs_json", 7), ("T_hat_json", 7), ("T_true_json", 12))),
+                             r["run_id"]))
+        self.checkpoint()
+        self.con.execute("VACUUM")
 
     # ------------------------------------------------------------------ meta
     def set_meta(self, key: str, value: Any) -> None:

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .config import SweepConfig
-from .store import ResultsStore, db_path
+from .store import ResultsStore, compact_json, db_path, rounded
 
 LOCK_NAME = ".lock"
 
@@ -126,7 +126,7 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
                 log(f"warning: {len(bad)} worker process(es) exited abnormally (exit codes {bad}); "
                     f"run the command again to resume")
         with ResultsStore(db_path(out)) as store:
-            store.checkpoint()
+            store.compact()  # every worker has stopped: fold the log in, small file to commit
             rows = [r for r in store.rows() if r["run_id"] in id_set]
         result = {s: sum(1 for r in rows if r["status"] == s) for s in ("pending", "running", "done", "failed")}
         result["total"] = len(rows)
@@ -300,29 +300,12 @@ def collect_results(run_dir: Path, summary: dict) -> dict:
     resolved["device"] = cfg.get("device")
     versions = dict(cfg.get("versions", {}))
     versions.setdefault("git", _git_revision())
-    return {"resolved_json": _compact_json(resolved), "epochs_json": _compact_json(_rounded(epochs, 7)),
-            "epochs_done": len(epochs), "final_json": _compact_json(summary), "test_acc": acc,
+    return {"resolved_json": compact_json(resolved), "epochs_json": compact_json(rounded(epochs, 7)),
+            "epochs_done": len(epochs), "final_json": compact_json(summary), "test_acc": acc,
             "test_error": None if acc is None else 1.0 - acc, "t_error": summary.get("t_error"),
-            "T_hat_json": None if T_hat is None else _compact_json(_rounded(T_hat, 7)),
-            "T_true_json": None if T_true is None else _compact_json(_rounded(T_true, 12)),
-            "versions_json": _compact_json(versions), "wall_s": summary.get("wall_s")}
-
-
-def _rounded(value, digits: int):
-    """Floats rounded to ``digits`` significant digits, in nested lists and dicts. The
-    database is committed with the results: ``T̂`` is float32 (7 digits carry all of it)
-    and its float64 repr would double the row."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, list):
-        return [_rounded(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: _rounded(v, digits) for k, v in value.items()}
-    return value
-
-
-def _compact_json(value) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
+            "T_hat_json": None if T_hat is None else compact_json(rounded(T_hat, 7)),
+            "T_true_json": None if T_true is None else compact_json(rounded(T_true, 12)),
+            "versions_json": compact_json(versions), "wall_s": summary.get("wall_s")}
 
 
 _GIT: list = []
