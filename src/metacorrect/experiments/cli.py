@@ -33,7 +33,8 @@ def add_commands(sub) -> None:
                    help="override a setting of CONFIG (repeatable)")
     p.add_argument("--data-dir", default=None, help="data root (default: $METACORRECT_DATA, else "
                                                     "~/.local/share/metacorrect/data)")
-    p.add_argument("--limit", type=int, default=None, help="run at most N runs now, then stop (resume later)")
+    p.add_argument("--limit", type=int, default=None, help="run at most N runs now, then stop (resume later); 0 runs none but still tidies the database "
+                        "(interrupted runs back to pending, log folded in, compacted: e.g. after a kill, before committing it)")
     p.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
                    help="leave runs that failed earlier as failed")
     p.add_argument("--rerun-changed", action="store_true",
