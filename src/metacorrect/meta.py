@@ -315,8 +315,7 @@ class _BatchNormJvp:
     statistics come from the step's real forward of the same batch (:func:`_batch_stats`,
     recorded by :class:`_PrimalCache`), so the primal output is one ``addcmul`` instead of a
     second normalisation; where they were not recorded, one ``native_batch_norm`` call
-    recomputes them with the output. (Generic forward-mode AD makes about three times as
-    many passes over the activation.)"""
+    recomputes them with the output."""
 
     def __init__(self, module: nn.Module, stats: list | None = None):
         self.module = module
@@ -332,14 +331,15 @@ class _BatchNormJvp:
         w_p, w_t = fwAD.unpack_dual(m.weight) if m.weight is not None else (None, None)
         b_p, b_t = fwAD.unpack_dual(m.bias) if m.bias is not None else (None, None)
         shape = [1, -1] + [1] * (x_p.ndim - 2)
-        if stats is not None and stats[0].shape == (x_p.shape[1],) and stats[0].dtype == x_p.dtype:
+        recorded = stats is not None and stats[0].shape == (x_p.shape[1],) and stats[0].dtype == x_p.dtype
+        if recorded:
             mean, invstd = stats
-            a = invstd if w_p is None else invstd * w_p
-            shift = -mean * a if b_p is None else b_p - mean * a
-            y = torch.addcmul(shift.view(shape), x_p, a.view(shape))
         else:
             y, mean, invstd = torch.native_batch_norm(x_p, w_p, b_p, None, None, True, 0.0, m.eps)
-            a = invstd if w_p is None else invstd * w_p
+        a = invstd if w_p is None else invstd * w_p
+        if recorded:
+            shift = -mean * a if b_p is None else b_p - mean * a
+            y = torch.addcmul(shift.view(shape), x_p, a.view(shape))
         if w_t is None and b_t is None and x_t is None:
             return y
         c1 = torch.zeros_like(a) if w_t is None else w_t.to(a.dtype).clone()

@@ -334,8 +334,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         if p_index == first_phase and first_epoch >= epochs:
             first_epoch = 0  # the checkpoint ended this phase: the next one begins afresh
             continue
-        passes = phase.passes_per_epoch(epochs, _steps(phase.stream, noisy_loader, trusted_loader))
-        steps = passes * _steps(phase.stream, noisy_loader, trusted_loader)
+        steps_per_pass = _steps(phase.stream, noisy_loader, trusted_loader)
+        passes = phase.passes_per_epoch(epochs, steps_per_pass)
+        steps = passes * steps_per_pass
         ctx.steps_per_epoch = steps
         ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
         resuming_here = p_index == first_phase and first_epoch > 0

@@ -38,8 +38,8 @@ class TrustedOnly(Method):
 
     def __post_init__(self):
         self.name = self.NAME
-        if int(self.min_updates) != self.min_updates or self.min_updates < 0:
-            raise ValueError(f"min_updates must be an integer >= 0, got {self.min_updates!r}")
+        if not float(self.min_updates).is_integer():
+            raise ValueError(f"min_updates must be a whole number of updates, got {self.min_updates!r}")
         self.phases = (Phase("train", "trusted", min_updates=int(self.min_updates)),)
 
     def step(self, ctx, noisy, trusted):
