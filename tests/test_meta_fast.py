@@ -66,15 +66,18 @@ CASES = {
 }
 
 
+def case_inputs(kind, seed):
+    """A float64 model of ``CASES[kind]`` (initialised under ``seed``) with a noisy and a clean batch."""
+    make, shape, n = CASES[kind]
+    torch.manual_seed(seed)
+    return make().double().train(), batch(shape, n, 1), batch(shape, n, 2)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("loss_fn", [forward_corrected_loss, logit_corrected_loss], ids=["T_on_probs", "T_on_logits"])
 @pytest.mark.parametrize("kind", list(CASES))
 def test_fast_equals_reference_float64(kind, loss_fn, route):
-    make, shape, n = CASES[kind]
-    torch.manual_seed(0)
-    model = make().double().train()
-    xn, yn = batch(shape, n, 1)
-    xc, yc = batch(shape, n, 2)
+    model, (xn, yn), (xc, yc) = case_inputs(kind, seed=0)
     T = random_T(3)
     (fast,) = hypergrads(model, "fast", loss_fn, (T,), xn, yn, xc, yc, jvp=route)
     (ref,) = hypergrads(model, "reference", loss_fn, (T,), xn, yn, xc, yc)
@@ -474,11 +477,7 @@ def test_batchnorm_jvp_rule_with_recorded_statistics_equals_the_reference(loss_f
 @pytest.mark.parametrize("loss_fn", [forward_corrected_loss, logit_corrected_loss], ids=["T_on_probs", "T_on_logits"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn_bn"])
 def test_head_scope_closed_form_equals_its_reference_and_differs_from_the_exact_one(kind, loss_fn):
-    make, shape, n = CASES[kind]
-    torch.manual_seed(7)
-    model = make().double().train()
-    xn, yn = batch(shape, n, 1)
-    xc, yc = batch(shape, n, 2)
+    model, (xn, yn), (xc, yc) = case_inputs(kind, seed=7)
     T = random_T(5)
 
     def run(mode, scope):
