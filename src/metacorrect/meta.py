@@ -289,12 +289,16 @@ class _TangentForward:
         return out if w_t is None else fwAD.make_dual(out, look(w_t))
 
 
+_BATCH_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
+
+
 def _batch_stats(module: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The batch mean and inverse standard deviation a BatchNorm layer in training mode just
-    used, as its native backward node saved them (``None`` where that node is another kind,
-    e.g. cuDNN's, or the layer normalised with running statistics)."""
+    used, as its backward node saved them (``None`` where that node is of another kind or
+    the layer normalised with running statistics). Torch's native kernel and cuDNN both save
+    the batch mean and the inverse standard deviation as results 1 and 2."""
     node = getattr(output, "grad_fn", None)
-    if not module.training or node is None or type(node).__name__ != "NativeBatchNormBackward0":
+    if not module.training or node is None or type(node).__name__ not in _BATCH_NORM_NODES:
         return None
     mean, invstd = getattr(node, "_saved_result1", None), getattr(node, "_saved_result2", None)
     if not isinstance(mean, torch.Tensor) or not isinstance(invstd, torch.Tensor) or mean.numel() == 0:
@@ -346,8 +350,10 @@ class _BatchNormJvp:
         c0 = torch.zeros_like(a) if b_t is None else b_t.to(a.dtype).clone()
         if x_t is not None:
             n = x_p.numel() // x_p.shape[1]
+            # The sums asked for do not depend on the weight, but CUDA's kernel allocates the
+            # weight gradient like the weight, so it must be a defined per-channel tensor.
             _, sum_tx, sum_t = torch.ops.aten.native_batch_norm_backward(
-                x_t, x_p, None, None, None, mean, invstd, True, m.eps, [False, True, True])
+                x_t, x_p, invstd, None, None, mean, invstd, True, m.eps, [False, True, True])
             c1.sub_(a * sum_tx, alpha=1.0 / n)
             c0.sub_(a * sum_t, alpha=1.0 / n)
         c1.mul_(invstd)
