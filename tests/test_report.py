@@ -210,3 +210,24 @@ def test_label_set_table_mean_and_std_over_seeds(tmp_path):
     first = next(t for t in table if t["label_set"] == "aggre" and t["method"] == "ce")
     assert f"{float(first['test_acc']):.2f} ± {float(first['std']):.2f} (2)" in md
     assert read_csv(tmp_path / "report" / "auc.csv") == []
+
+
+def test_option_sets_that_differ_only_by_later_defaults_are_one_setting():
+    from metacorrect.methods import create_method
+    from metacorrect.report.tables import SweepResults, method_options_by_method, same_method_settings
+
+    now = create_method("mlc").options()
+    before = {k: v for k, v in now.items() if k not in ("meta_scope", "meta_jvp")}  # options added since
+    before["T"] = None  # an option dropped since, recorded at None
+    assert same_method_settings(before, now, now)
+    assert not same_method_settings(before, {**now, "meta_lr": now["meta_lr"] * 2}, now)
+    assert not same_method_settings(before, {**now, "meta_scope": "head"}, now)  # added, but not at its default
+    assert not same_method_settings({**before, "T": [[1.0]]}, now, now)  # dropped, but it was set
+    assert not same_method_settings(before, now, None)  # unknown method: only equal sets match
+
+    def row(opts):
+        return {"status": "done", "test_error": 0.1, "method": "mlc", "resolved": {"method_options": opts}}
+
+    results = SweepResults(Path("."), {}, [row(before), row(now), row({**now, "meta_lr": 0.05})])
+    variants = method_options_by_method(results)["mlc"]
+    assert variants == [now, {**now, "meta_lr": 0.05}]  # the record spelled as the method is now is kept

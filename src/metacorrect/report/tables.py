@@ -215,14 +215,60 @@ def published_rows(results: SweepResults) -> list[dict]:
     return out
 
 
+def _current_defaults(method: str) -> dict | None:
+    from ..methods import create_method  # torch: imported only when a report needs it
+    try:
+        return create_method(method).options()
+    except Exception:  # an unknown or since-renamed method: no defaults to compare with
+        return None
+
+
+def same_method_settings(a: dict, b: dict, defaults: dict | None) -> bool:
+    """Whether two recorded option sets of one method ran the same algorithm: equal on every
+    option both recorded, and an option only one of them recorded is one the library gained
+    later at its current default (or dropped since, recorded as ``None``). Without the
+    method's ``defaults`` only equal sets are the same."""
+    if a == b:
+        return True
+    if defaults is None:
+        return False
+    for key in set(a) | set(b):
+        if key in a and key in b:
+            if a[key] != b[key]:
+                return False
+        else:
+            value = a[key] if key in a else b[key]
+            if value != defaults.get(key) and not (key not in defaults and value is None):
+                return False
+    return True
+
+
 def method_options_by_method(results: SweepResults) -> dict[str, list[dict]]:
-    """The distinct resolved method options each method ran with (more than one means the
-    method's defaults changed during the sweep)."""
+    """The distinct resolved method options each method ran with, one entry per setting that
+    changes the algorithm (see :func:`same_method_settings`; of equivalent records the one
+    spelled with the method's current options is kept, else the fullest). More than one entry means the method's settings
+    changed during the sweep."""
     seen = defaultdict(list)
+    defaults = {}
     for r in results.done:
         opts = (r.get("resolved") or {}).get("method_options")
-        if opts is not None and opts not in seen[r["method"]]:
-            seen[r["method"]].append(opts)
+        if opts is None:
+            continue
+        m = r["method"]
+        if m not in defaults:
+            defaults[m] = _current_defaults(m)
+        current = set(defaults[m] or ())
+
+        def fit(o):  # prefer the record spelled as the method is now, then the fullest
+            return set(o) == current, len(o)
+
+        for i, kept in enumerate(seen[m]):
+            if same_method_settings(kept, opts, defaults[m]):
+                if fit(opts) > fit(kept):
+                    seen[m][i] = opts
+                break
+        else:
+            seen[m].append(opts)
     return dict(seen)
 
 
@@ -265,4 +311,4 @@ def fmt_trusted(t) -> str:
 
 __all__ = ["METHOD_LABELS", "SweepResults", "auc_table", "curves", "fmt_num", "fmt_trusted", "label_set_table",
            "load_results", "method_label", "method_options_by_method", "method_sort_key", "published_rows",
-           "t_error_table", "t_panels", "timing_table"]
+           "same_method_settings", "t_error_table", "t_panels", "timing_table"]
