@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metacorrect.experiments.config import load_sweep_config, sweep_config_from_dict
-from metacorrect.experiments.store import DB_NAME, ResultsStore
+from metacorrect.experiments.store import DB_NAME, ResultsStore, load_json
 from metacorrect.experiments.sweep import run_sweep
 from metacorrect.report import CSV_FILES, write_report
 
@@ -134,7 +134,7 @@ def test_report_files_exist_and_agree_with_the_database(sweep_dir):
     glc = [r for r in rows if r["method"] == "glc"]
     assert len([t for t in T if t["matrix"] == "estimated"]) == len(glc) * 100
     some = glc[0]
-    T_hat = json.loads(some["T_hat_json"])
+    T_hat = load_json(some["T_hat_json"])
     assert float(next(t["value"] for t in T if t["run_id"] == some["run_id"] and t["matrix"] == "estimated"
                       and t["row"] == "3" and t["col"] == "4")) == pytest.approx(T_hat[3][4])
     t_err = read_csv(folder / "t_error.csv")
@@ -142,7 +142,7 @@ def test_report_files_exist_and_agree_with_the_database(sweep_dir):
 
     # epochs.csv: every epoch of every run
     epochs = read_csv(folder / "epochs.csv")
-    assert len(epochs) == sum(len(json.loads(r["epochs_json"])) for r in rows)
+    assert len(epochs) == sum(len(load_json(r["epochs_json"])) for r in rows)
 
     # timing
     timing = {t["method"]: t for t in read_csv(folder / "timing.csv")}

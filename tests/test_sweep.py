@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from metacorrect.experiments.config import (SweepConfigError, load_sweep_config, parse_override, preset_names)
-from metacorrect.experiments.store import DB_NAME, ResultsStore
+from metacorrect.experiments.store import DB_NAME, ResultsStore, load_json
 
 TINY = """\
 name = "tiny"
@@ -185,8 +185,12 @@ def test_compact_rounds_T_and_epoch_floats_and_leaves_a_self_contained_small_fil
     before = len(store.con.execute("SELECT T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0])
     store.compact()
     row = store.con.execute("SELECT epochs_json, T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()
-    assert json.loads(row["T_hat_json"]) == [[0.4333333] * 3] * 3 and len(row["T_hat_json"]) < 0.6 * before
-    assert json.loads(row["epochs_json"]) == [{"epoch": 1, "train_loss": 0.6666667, "test_acc": 0.5, "phase": "train"}]
+    assert isinstance(row["T_hat_json"], bytes)  # packed
+    assert load_json(row["T_hat_json"]) == [[0.4333333] * 3] * 3 and len(row["T_hat_json"]) < 0.3 * before
+    assert load_json(row["epochs_json"]) == [{"epoch": 1, "train_loss": 0.6666667, "test_acc": 0.5, "phase": "train"}]
+    packed = row["T_hat_json"]
+    store.compact()  # a packed row is left as it is
+    assert store.con.execute("SELECT T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0] == packed
     store.close()
     wal = tmp_path / (DB_NAME + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0  # everything is in the database file itself
@@ -308,7 +312,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_table(tmp_path):
     ref_by_id = {r["run_id"]: r for r in ref_rows}
     for r in after:
         assert r["test_error"] == ref_by_id[r["run_id"]]["test_error"], r["run_id"]
-        assert json.loads(r["T_hat_json"] or "null") == json.loads(ref_by_id[r["run_id"]]["T_hat_json"] or "null")
+        assert load_json(r["T_hat_json"]) == load_json(ref_by_id[r["run_id"]]["T_hat_json"])
     assert _table(out) == _table(ref)
 
     # a third call finds nothing to do and runs nothing

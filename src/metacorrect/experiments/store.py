@@ -8,7 +8,11 @@ Embedded (standard-library ``sqlite3``), in WAL mode, every write a transaction.
   (model, method options with their defaults) as the run saw it, per-epoch metrics (JSON),
   the final metrics, the learned/estimated T̂ and the true T (JSON), timings, the number of
   times the run was started (``attempts``), the versions of Python, torch, numpy and
-  metacorrect, and the error text of a failure;
+  metacorrect, and the error text of a failure. The bulky columns (``PACKED_COLUMNS``:
+  resolved configuration, per-epoch and final metrics, T̂, true T) hold their JSON zlib-compressed (a BLOB; read them with
+  :func:`load_json`, or from the CSV files of ``metacorrect report``): the database is
+  committed with the results, and a 25-class T is 3 KB of text a run. Rows written as
+  plain JSON text by older versions read the same and are packed by :meth:`ResultsStore.compact`;
 * ``events`` — one row per start, resume, finish and failure of a run (who and when);
 * ``meta``   — the sweep's configuration and bookkeeping.
 
@@ -24,6 +28,7 @@ import os
 import sqlite3
 import time
 import uuid
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
@@ -127,6 +132,31 @@ def compact_json(value) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
+# bulky JSON columns stored zlib-compressed, with the significant digits their floats keep
+# (T̂ and the metrics are float32: 7 digits carry all of it; the true T is exact to 12;
+# None: as recorded)
+PACKED_COLUMNS = {"epochs_json": 7, "T_hat_json": 7, "T_true_json": 12, "resolved_json": None, "final_json": None}
+# small pages: a packed row is 1-3 KB, and 4 KB pages left a third of the file empty
+PAGE_SIZE = 1024
+
+
+def pack_json(value, digits: int | None = None) -> bytes | None:
+    """``value`` as compact JSON (floats rounded to ``digits`` significant digits unless
+    ``None``), zlib-compressed; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return zlib.compress(compact_json(value if digits is None else rounded(value, digits)).encode(), 9)
+
+
+def load_json(stored):
+    """The value of a JSON column: plain JSON text, or JSON packed by :func:`pack_json`."""
+    if stored is None:
+        return None
+    if isinstance(stored, (bytes, bytearray, memoryview)):
+        return json.loads(zlib.decompress(bytes(stored)))
+    return json.loads(stored)
+
+
 def db_path(sweep_dir: str | os.PathLike) -> Path:
     return Path(sweep_dir) / DB_NAME
 
@@ -181,20 +211,27 @@ class ResultsStore:
             pass
 
     def compact(self) -> None:
-        """Store every finished run's T and per-epoch metrics as :func:`compact_results` does
-        (rows recorded before that rounding get it too), then rewrite the file without free
-        pages (``VACUUM``): the database is committed with the results, so it should stay
-        small. Call it when no other process uses the database."""
-        rows = self.con.execute("SELECT run_id, epochs_json, T_hat_json, T_true_json FROM runs "
-                                "WHERE epochs_json IS NOT NULL OR T_hat_json IS NOT NULL").fetchall()
+        """Pack the bulky columns of rows written as plain JSON text (by older versions) as
+        :func:`pack_json` does, then rewrite the file without free pages (``VACUUM``): the
+        database is committed with the results, so it should stay small. Call it when no
+        other process uses the database."""
+        columns = ", ".join(PACKED_COLUMNS)
+        plain = " OR ".join(f"typeof({c}) = 'text'" for c in PACKED_COLUMNS)
+        rows = self.con.execute(f"SELECT run_id, {columns} FROM runs WHERE {plain}").fetchall()
         with self.transaction() as con:
             for r in rows:
-                con.execute("UPDATE runs SET epochs_json = ?, T_hat_json = ?, T_true_json = ? WHERE run_id = ?",
-                            (*(None if r[k] is None else compact_json(rounded(json.loads(r[k]), digits))
-                               for k, digits in (("epochs_json", 7), ("T_hat_json", 7), ("T_true_json", 12))),
+                con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in PACKED_COLUMNS)} WHERE run_id = ?",
+                            (*(pack_json(load_json(r[c]), digits) for c, digits in PACKED_COLUMNS.items()),
                              r["run_id"]))
         self.checkpoint()
-        self.con.execute("VACUUM")
+        try:  # the page size changes only outside WAL mode, with no other connection open
+            self.con.execute("PRAGMA journal_mode = DELETE")
+            self.con.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            self.con.execute("VACUUM")
+        except sqlite3.OperationalError:  # pragma: no cover - another reader: keep the page size
+            self.con.execute("VACUUM")
+        finally:
+            self.con.execute("PRAGMA journal_mode = WAL")
 
     # ------------------------------------------------------------------ meta
     def set_meta(self, key: str, value: Any) -> None:
@@ -235,7 +272,7 @@ class ResultsStore:
                 counts["existing"] += 1
                 full = con.execute("SELECT config_json, resolved_json, status FROM runs WHERE run_id = ?",
                                    (spec.run_id,)).fetchone()
-                resolved = json.loads(full["resolved_json"]).get("method_options") if full["resolved_json"] else None
+                resolved = load_json(full["resolved_json"]).get("method_options") if full["resolved_json"] else None
                 if row["fingerprint"] != fp and full["status"] == "pending":
                     # never finished: it simply runs with the new settings
                     con.execute("UPDATE runs SET config_json = ?, fingerprint = ? WHERE run_id = ?",
@@ -343,4 +380,4 @@ class ResultsStore:
         return [dict(r) for r in self.con.execute(q, (run_id,) if run_id else ())]
 
 
-__all__ = ["DB_NAME", "ResultsStore", "STATUSES", "db_path"]
+__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "load_json", "pack_json"]

@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..experiments.store import DB_NAME, ResultsStore
+from ..experiments.store import DB_NAME, ResultsStore, load_json
 
 METHOD_LABELS = {"trusted_only": "Trusted only", "ce": "No correction", "forward": "Forward",
                  "forward_gold": "Forward Gold", "distillation": "Distillation", "confusion": "Confusion matrix",
@@ -88,7 +88,7 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
         invocations = store.get_meta("invocations", []) or []
     for r in rows:
         for key in JSON_FIELDS:
-            r[key.removesuffix("_json")] = json.loads(r[key]) if r.get(key) else None
+            r[key.removesuffix("_json")] = load_json(r[key]) if r.get(key) else None
     return SweepResults(sweep_dir, config, rows, invocations)
 
 
