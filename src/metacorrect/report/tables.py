@@ -17,7 +17,6 @@ Errors and accuracies are in percent.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
