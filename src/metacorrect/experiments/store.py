@@ -9,10 +9,11 @@ Embedded (standard-library ``sqlite3``), in WAL mode, every write a transaction.
   the final metrics, the learned/estimated T̂ and the true T (JSON), timings, the number of
   times the run was started (``attempts``), the versions of Python, torch, numpy and
   metacorrect, and the error text of a failure. The bulky columns (``PACKED_COLUMNS``:
-  resolved configuration, per-epoch and final metrics, T̂, true T) hold their JSON zlib-compressed (a BLOB; read them with
-  :func:`load_json`, or from the CSV files of ``metacorrect report``): the database is
-  committed with the results, and a 25-class T is 3 KB of text a run. Rows written as
-  plain JSON text by older versions read the same and are packed by :meth:`ResultsStore.compact`;
+  resolved configuration, per-epoch and final metrics, T̂, true T) hold their JSON
+  zlib-compressed (a BLOB; read them with :func:`load_json`, or from the CSV files of
+  ``metacorrect report``): the database is committed with the results, and a 25-class T
+  is 3 KB of text a run. Rows written as plain JSON text by older versions read the same
+  and are packed by :meth:`ResultsStore.compact`;
 * ``events`` — one row per start, resume, finish and failure of a run (who and when);
 * ``meta``   — the sweep's configuration and bookkeeping.
 
@@ -148,6 +149,11 @@ def pack_json(value, digits: int | None = None) -> bytes | None:
     return zlib.compress(compact_json(value if digits is None else rounded(value, digits)).encode(), 9)
 
 
+def pack_columns(values: dict) -> dict:
+    """``values`` (column → value) with the ``PACKED_COLUMNS`` among them packed."""
+    return {c: pack_json(v, PACKED_COLUMNS[c]) if c in PACKED_COLUMNS else v for c, v in values.items()}
+
+
 def load_json(stored):
     """The value of a JSON column: plain JSON text, or JSON packed by :func:`pack_json`."""
     if stored is None:
@@ -220,9 +226,9 @@ class ResultsStore:
         rows = self.con.execute(f"SELECT run_id, {columns} FROM runs WHERE {plain}").fetchall()
         with self.transaction() as con:
             for r in rows:
-                con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in PACKED_COLUMNS)} WHERE run_id = ?",
-                            (*(pack_json(load_json(r[c]), digits) for c, digits in PACKED_COLUMNS.items()),
-                             r["run_id"]))
+                packed = pack_columns({c: load_json(r[c]) for c in PACKED_COLUMNS})
+                con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in packed)} WHERE run_id = ?",
+                            (*packed.values(), r["run_id"]))
         self.checkpoint()
         try:  # the page size changes only outside WAL mode, with no other connection open
             self.con.execute("PRAGMA journal_mode = DELETE")
@@ -380,4 +386,4 @@ class ResultsStore:
         return [dict(r) for r in self.con.execute(q, (run_id,) if run_id else ())]
 
 
-__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "load_json", "pack_json"]
+__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "load_json", "pack_columns", "pack_json"]

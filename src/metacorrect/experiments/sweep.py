@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .config import SweepConfig
-from .store import PACKED_COLUMNS, ResultsStore, compact_json, db_path, pack_json
+from .store import ResultsStore, compact_json, db_path, pack_columns
 
 LOCK_NAME = ".lock"
 
@@ -300,12 +300,10 @@ def collect_results(run_dir: Path, summary: dict) -> dict:
     resolved["device"] = cfg.get("device")
     versions = dict(cfg.get("versions", {}))
     versions.setdefault("git", _git_revision())
-    return {"resolved_json": pack_json(resolved), "epochs_json": pack_json(epochs, PACKED_COLUMNS["epochs_json"]),
-            "epochs_done": len(epochs), "final_json": pack_json(summary), "test_acc": acc,
-            "test_error": None if acc is None else 1.0 - acc, "t_error": summary.get("t_error"),
-            "T_hat_json": pack_json(T_hat, PACKED_COLUMNS["T_hat_json"]),
-            "T_true_json": pack_json(T_true, PACKED_COLUMNS["T_true_json"]),
-            "versions_json": compact_json(versions), "wall_s": summary.get("wall_s")}
+    return pack_columns({"resolved_json": resolved, "epochs_json": epochs, "epochs_done": len(epochs),
+                         "final_json": summary, "test_acc": acc, "test_error": None if acc is None else 1.0 - acc,
+                         "t_error": summary.get("t_error"), "T_hat_json": T_hat, "T_true_json": T_true,
+                         "versions_json": compact_json(versions), "wall_s": summary.get("wall_s")})
 
 
 _GIT: list = []
