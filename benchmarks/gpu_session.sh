@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU session (the workplace lends a GPU machine for ~15 minutes per session):
+#   0. the CUDA tests (tests/test_meta_cuda.py; CUDA_TESTS=0 skips them, about 15 s);
 #   1. the cifar10n-reduced sweep (45 runs) on the GPU, 10 worker processes sharing it;
 #   2. if time is left, the same sweep extended with forward_gold, confusion and distillation;
 #   3. benchmarks/step_cost.py on the GPU (WRN-40-2 and ResNet-8, the exact meta step vs CE).
@@ -20,6 +21,10 @@ start=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   "$PY" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
   nproc; } | tee "$OUT/env.txt"
+
+if [ "${CUDA_TESTS:-1}" != 0 ]; then
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_meta_cuda.py 2>&1 | tail -5 | tee "$OUT/pytest_cuda.txt"
+fi
 
 # Decode the CIFAR-10 JPEG archive once, before the workers start (each would decode it).
 "$PY" -c "from metacorrect.data import load_dataset; d = load_dataset('cifar10n', '$DATA'); print('cifar10n', tuple(d.x_train.shape))" \
