@@ -14,29 +14,23 @@ under ``--out``; a finished variant is read back, not rerun, so the script resum
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from metacorrect.experiments.config import load_sweep_config
+from metacorrect.experiments.config import SweepConfigError, load_sweep_config, parse_override
 from metacorrect.experiments.run import RunConfig, run_experiment
 
 
 def parse_variant(text: str) -> dict:
+    """``'default'`` → {}; ``'a=1,b=x'`` → {'a': 1, 'b': 'x'} (values read as ``--set`` reads them)."""
     if text == "default":
         return {}
-    options = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            sys.exit(f"variant {text!r}: expected KEY=VALUE items separated by commas, or 'default'")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value.strip()
-    return options
+    try:
+        return {".".join(path): value for path, value in map(parse_override, text.split(","))}
+    except SweepConfigError as e:
+        sys.exit(f"variant {text!r}: {e}; expected KEY=VALUE items separated by commas, or 'default'")
 
 
 def main() -> None:

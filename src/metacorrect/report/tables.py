@@ -245,8 +245,8 @@ def same_method_settings(a: dict, b: dict, defaults: dict | None) -> bool:
 def method_options_by_method(results: SweepResults) -> dict[str, list[dict]]:
     """The distinct resolved method options each method ran with, one entry per setting that
     changes the algorithm (see :func:`same_method_settings`; of equivalent records the one
-    spelled with the method's current options is kept, else the fullest). More than one entry means the method's settings
-    changed during the sweep."""
+    spelled with the method's current options is kept, else the fullest). More than one
+    entry means the method's settings changed during the sweep."""
     seen = defaultdict(list)
     defaults = {}
     for r in results.done:
