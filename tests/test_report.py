@@ -228,6 +228,7 @@ def test_option_sets_that_differ_only_by_later_defaults_are_one_setting():
     def row(opts):
         return {"status": "done", "test_error": 0.1, "method": "mlc", "resolved": {"method_options": opts}}
 
-    results = SweepResults(Path("."), {}, [row(before), row(now), row({**now, "meta_lr": 0.05})])
+    other = {**now, "meta_lr": now["meta_lr"] * 2}
+    results = SweepResults(Path("."), {}, [row(before), row(now), row(other)])
     variants = method_options_by_method(results)["mlc"]
-    assert variants == [now, {**now, "meta_lr": 0.05}]  # the record spelled as the method is now is kept
+    assert variants == [now, other]  # the record spelled as the method is now is kept

@@ -156,9 +156,21 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     # simply take new settings
     with store.transaction() as con:
         con.execute("UPDATE runs SET status = 'done', resolved_json = ? WHERE run_id = ?",
-                    (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1}}), b["run_id"]))
+                    (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1, "t_update": "tested"}}),
+                     b["run_id"]))
     mlc_one = load_sweep_config(write(tmp_path, TINY, "c.toml"), ["method_options.mlc.update_every=1"]).runs()
     assert store.register(mlc_one)["changed"] == 0
+    # a run of an older algorithm (MLC before t_update existed: version 1) is never the same run,
+    # even where the options asked for are equal
+    with store.transaction() as con:
+        con.execute("UPDATE runs SET resolved_json = ? WHERE run_id = ?",
+                    (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1}}), b["run_id"]))
+    with pytest.raises(ValueError, match="1 run"):
+        store.register(mlc_one)
+    with store.transaction() as con:
+        con.execute("UPDATE runs SET resolved_json = ? WHERE run_id = ?",
+                    (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1, "t_update": "tested"}}),
+                     b["run_id"]))
     mlc_two = load_sweep_config(write(tmp_path, TINY, "d.toml"), ["method_options.mlc.update_every=2"]).runs()
     with pytest.raises(ValueError, match="1 run"):
         store.register(mlc_two)

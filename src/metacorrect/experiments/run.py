@@ -101,6 +101,15 @@ class RunConfig:
     # set away from their default, so the checkpoints of those runs stay valid
     ADDED_LATER = {"fused_optimizer": False}
 
+    def method_version(self) -> int:
+        """The version of the method's algorithm these options resolve to
+        (:meth:`metacorrect.methods.Method.algorithm_version`)."""
+        from ..methods import create_method
+        try:
+            return create_method(self.method, **self.method_options).version
+        except (ValueError, TypeError):
+            return 1  # invalid options fail where the method is built, with their own message
+
     def fingerprint(self) -> str:
         """A hash of everything that changes the result (not where the data lives)."""
         d = self.to_dict()
@@ -109,6 +118,9 @@ class RunConfig:
         for key, default in self.ADDED_LATER.items():
             if d.get(key) == default:
                 d.pop(key)
+        version = self.method_version()
+        if version != 1:  # version 1 is every run recorded before versions existed
+            d["method_version"] = version
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

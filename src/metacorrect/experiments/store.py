@@ -98,7 +98,9 @@ def same_settings(stored: dict, new: dict, resolved_method_options: dict | None 
     do not change results (where the data lives, the device) are ignored, a setting the
     record lacks (one added to :class:`RunConfig` since) counts as its default, and method
     options are compared with the options the run resolved (defaults included) when it
-    recorded them — so asking explicitly for the value a default had then is the same run."""
+    recorded them — so asking explicitly for the value a default had then is the same run.
+    A run whose method's algorithm version (:meth:`metacorrect.methods.Method.algorithm_version`
+    of its resolved options) differs from the version the new options give is never the same."""
     import dataclasses
     from .run import RunConfig
     defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -106,6 +108,10 @@ def same_settings(stored: dict, new: dict, resolved_method_options: dict | None 
     keys = (set(stored) | set(new)) - set(IGNORED_SETTINGS) - {"method_options"}
     if not all(stored.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in keys):
         return False
+    from ..methods import algorithm_version
+    if resolved_method_options is not None and \
+            algorithm_version(new["method"], resolved_method_options) != RunConfig.from_dict(new).method_version():
+        return False  # the method's algorithm changed since the run (a default changed)
     old_opts, new_opts = stored.get("method_options") or {}, new.get("method_options") or {}
     if old_opts == new_opts:
         return True

@@ -35,6 +35,12 @@ def create_method(name: str, **options) -> Method:
     return cls(**options)
 
 
+def algorithm_version(name: str, resolved_options: dict | None) -> int:
+    """The algorithm version of a recorded run of method ``name`` (1 for an unknown method)."""
+    cls = METHODS.get(name)
+    return 1 if cls is None else cls.algorithm_version(resolved_options)
+
+
 # importing the modules registers the methods
 from . import simple, mlc  # noqa: E402,F401
 
@@ -45,4 +51,4 @@ for _module in ("correction", "distillation", "reweighting"):
         if _exc.name != f"{__name__}.{_module}":
             raise
 
-__all__ = ["METHODS", "Method", "Phase", "create_method", "method_names", "register_method"]
+__all__ = ["METHODS", "Method", "Phase", "algorithm_version", "create_method", "method_names", "register_method"]

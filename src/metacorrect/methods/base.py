@@ -64,6 +64,22 @@ class Method:
     name: str = field(default="", init=False)
     phases: tuple[Phase, ...] = field(default=(), init=False)
 
+    # The algorithm's version: raised when a default changes what the method computes, so a
+    # run made before (its resolved options recorded in config.json and the results
+    # database) is told apart from one made after — see :meth:`algorithm_version`.
+    VERSION = 1
+
+    @classmethod
+    def algorithm_version(cls, options: dict | None) -> int:
+        """The version of the algorithm a run with these *resolved* options ran (options as
+        :meth:`options` recorded them; a record from before versions existed is version 1
+        unless the subclass can tell otherwise)."""
+        return cls.VERSION
+
+    @property
+    def version(self) -> int:
+        return self.algorithm_version(self.options())
+
     def setup(self, ctx) -> None:
         """Called once before training (also on resume, before the state is loaded)."""
 

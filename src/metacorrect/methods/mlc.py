@@ -55,15 +55,12 @@ from . import register_method
 from .base import Method, Phase, ce_step
 from .estimators import glc_estimate
 from .losses import CORRECTED_LOSSES
+from .t_update import DEFAULT_META_LR, T_UPDATES, TUpdate, project_stochastic  # noqa: F401 (re-exported)
 
 
-def project_stochastic(T_new: torch.Tensor, T_old: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Π: clamp at 0 and renormalise along ``dim`` (1: rows, 0: columns); a row (column)
-    whose mass vanishes keeps its previous value."""
-    T_new = T_new.clamp_min(0)
-    mass = T_new.sum(dim, keepdim=True)
-    ok = mass > 1e-12
-    return torch.where(ok, T_new / mass.clamp_min(1e-12), T_old)
+# the released code's virtual step: SGD at lr 1e-3 on a loss summed over its batch of 64,
+# which is lr 0.064 on the batch mean this library uses
+RELEASED_VIRTUAL_LR = 1e-3 * 64
 
 
 @register_method
@@ -111,13 +108,22 @@ class MLC(Method):
     """
 
     NAME = "mlc"
+    # 2: the tested T update (``t_update='tested'``); 1: metacorrect 0.1's rule, which every
+    # run recorded before ``t_update`` existed used
+    VERSION = 2
+
+    @classmethod
+    def algorithm_version(cls, options):
+        return 1 if (options or {}).get("t_update", "v1") == "v1" else cls.VERSION
 
     virtual_lr: float = 0.1
-    meta_lr: float = 0.01
-    meta_lr_schedule: str = "constant"
-    grad_norm: str = "max"
+    meta_lr: float | None = None
+    t_update: str = "tested"
+    t_blocks: int = 100
+    t_warmup: float | None = None
+    z_crit: float = 3.5
     trusted_ce: bool = True
-    t_init: Any = "identity"
+    t_init: Any = None
     t_space: str = "probs"
     normalise: str = "rows"
     reset_each_step: bool = False
@@ -131,8 +137,7 @@ class MLC(Method):
 
     def __post_init__(self):
         self.name = self.NAME
-        for opt, value, allowed in (("meta_lr_schedule", self.meta_lr_schedule, ("constant", "cosine")),
-                                    ("grad_norm", self.grad_norm, ("max", "none")),
+        for opt, value, allowed in (("t_update", self.t_update, T_UPDATES),
                                     ("t_space", self.t_space, tuple(CORRECTED_LOSSES)),
                                     ("normalise", self.normalise, ("rows", "columns")),
                                     ("meta_scope", self.meta_scope, MetaGradient.SCOPES)):
@@ -144,14 +149,34 @@ class MLC(Method):
             raise ValueError(f"mlc option meta_batch must be >= 1 or None, got {self.meta_batch}")
         if self.meta_jvp not in MetaGradient.JVP_ROUTES:
             raise ValueError(f"mlc option meta_jvp must be one of {MetaGradient.JVP_ROUTES}, got {self.meta_jvp!r}")
-        if not self.meta_lr > 0:
-            raise ValueError(f"mlc option meta_lr must be > 0, got {self.meta_lr}")
+        if self.t_update == "released":
+            # the released code's algorithm, all of it (see the module docstring)
+            self.reset_each_step, self.t_space, self.normalise = True, "logits", "columns"
+            self.update_every, self.t_init, self.virtual_lr = 1, "identity", RELEASED_VIRTUAL_LR
+        # defaults that depend on the rule: the tested rule starts from GLC's estimate and holds
+        # T for the first 30 % of the MLC phase; the older rules start from I at once
+        if self.meta_lr is None:
+            self.meta_lr = DEFAULT_META_LR[self.t_update]
+        if self.t_init is None:
+            self.t_init = "glc" if self.t_update == "tested" else "identity"
+        if self.t_warmup is None:
+            self.t_warmup = 0.3 if self.t_update == "tested" else 0.0
+        if not (isinstance(self.meta_lr, (int, float)) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
+            raise ValueError(f"mlc option meta_lr must be a number > 0, got {self.meta_lr!r}")
+        if int(self.t_blocks) < 1:
+            raise ValueError(f"mlc option t_blocks must be >= 1, got {self.t_blocks}")
+        if not 0.0 <= float(self.t_warmup) < 1.0:
+            raise ValueError(f"mlc option t_warmup must be a fraction in [0, 1), got {self.t_warmup}")
+        if not self.z_crit >= 0:
+            raise ValueError(f"mlc option z_crit must be >= 0, got {self.z_crit}")
         if isinstance(self.t_init, str) and self.t_init not in ("identity", "glc"):
             raise ValueError(f"mlc option t_init must be 'identity', 'glc' or a C×C matrix, got {self.t_init!r}")
         self.phases = ((Phase("estimate", "noisy"), Phase("mlc", "paired", reinit=True))
                        if isinstance(self.t_init, str) and self.t_init == "glc" else (Phase("mlc", "paired"),))
         self.loss_fn = CORRECTED_LOSSES[self.t_space]
         self.T: torch.Tensor | None = None
+        self.updater: TUpdate | None = None
+        self._updater_state: dict | None = None
         self._iteration = 0
 
     def options(self) -> dict[str, Any]:
@@ -167,6 +192,7 @@ class MLC(Method):
         else:
             T0 = check_transition_matrix(self.t_init, "t_init", C)
         self.T = torch.tensor(T0, dtype=torch.float32, device=ctx.device)
+        self.updater = None
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp,
                                    scope=self.meta_scope)
 
@@ -176,11 +202,24 @@ class MLC(Method):
             T0 = glc_estimate(probs.numpy(), labels.numpy(), ctx.num_classes)
             self.T = torch.tensor(T0, dtype=torch.float32, device=ctx.device)
 
-    def _meta_lr(self, ctx) -> float:
-        if self.meta_lr_schedule == "cosine":
-            total = max(ctx.epochs * ctx.steps_per_epoch, 1)
-            return self.meta_lr * 0.5 * (1 + math.cos(math.pi * min(ctx.step_in_phase / total, 1.0)))
-        return self.meta_lr
+    def _phase_steps(self, ctx) -> int:
+        return max(ctx.epochs - int(self.warmup_epochs), 1) * ctx.steps_per_epoch
+
+    def _t_warmup_steps(self, ctx) -> int:
+        """Iterations at the start of the MLC phase during which T is held (``t_warmup``)."""
+        return int(float(self.t_warmup) * self._phase_steps(ctx))
+
+    def _updater(self, ctx) -> TUpdate:
+        """The T-update rule, built on the first meta step: its block length depends on the
+        number of meta steps the MLC phase will make, known only once the loaders are."""
+        if self.updater is None:
+            steps = self._phase_steps(ctx) - self._t_warmup_steps(ctx)
+            self.updater = TUpdate(self.t_update, self.meta_lr, math.ceil(steps / int(self.update_every)),
+                                   dim=1 if self.normalise == "rows" else 0, blocks=int(self.t_blocks),
+                                   z_crit=float(self.z_crit))
+            if self._updater_state is not None:
+                self.updater.load_state_dict(self._updater_state, self.T.device)
+        return self.updater
 
     def step(self, ctx, noisy, trusted):
         if self.phases[0].name == "estimate" and noisy is not None and trusted is None:
@@ -195,8 +234,12 @@ class MLC(Method):
             self.T = torch.eye(ctx.num_classes, device=ctx.device)
         meta_now = self._iteration % int(self.update_every) == 0
         self._iteration += 1
-        if not meta_now:
+        if not meta_now or self._iteration <= self._t_warmup_steps(ctx):
+            # between meta steps, and while T is held at its initial value (t_warmup): the
+            # corrected loss with the current T (and the trusted batch's cross-entropy while T waits)
             loss = self.loss_fn(ctx.model(x_n), y_n, self.T)
+            if meta_now and self.trusted_ce:
+                loss = loss + F.cross_entropy(ctx.model(x_c), y_c)
             ctx.optimizer_step(loss)
             return loss.detach()
         if self.meta_batch is not None and int(self.meta_batch) < len(y_c):
@@ -205,7 +248,7 @@ class MLC(Method):
             x_m, y_m = x_c, y_c
         result = self.engine(self.loss_fn, (self.T,), x_n, y_n, x_m, y_m)
         T_old = self.T
-        self.T = self.update_T(self.T, result.hypergrads[0], self._meta_lr(ctx))
+        self.T = self._updater(ctx).step(self.T, result.hypergrads[0])
         if self.reuse_virtual_grad and result.virtual_grads is not None:
             # approximation: the noisy part of the actual step is the virtual step's gradient
             # (T_old); a linear surrogate ⟨w, g⟩ hands it to the optimizer through backward
@@ -220,20 +263,16 @@ class MLC(Method):
         ctx.optimizer_step(loss)
         return loss.detach()
 
-    def update_T(self, T: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        """One projected step ``Π(T − lr·g)`` (``g`` normalised by its largest entry by default)."""
-        if self.grad_norm == "max":
-            grad = grad / grad.abs().max().clamp_min(1e-12)
-        return project_stochastic(T - lr * grad, T, dim=1 if self.normalise == "rows" else 0)
-
     def estimated_T(self):
         return None if self.T is None else self.T.detach().cpu().double().numpy()
 
     def state_dict(self):
-        return {"T": None if self.T is None else self.T.detach().cpu(), "iteration": self._iteration}
+        return {"T": None if self.T is None else self.T.detach().cpu(), "iteration": self._iteration,
+                "t_update": None if self.updater is None else self.updater.state_dict()}
 
     def load_state_dict(self, state):
         if state.get("T") is not None:
             self.T = state["T"].to(self.T.device if self.T is not None else "cpu")
         self._iteration = state.get("iteration", 0)
+        self.updater, self._updater_state = None, state.get("t_update")
 

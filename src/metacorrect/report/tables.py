@@ -36,11 +36,26 @@ JSON_FIELDS = ("config_json", "resolved_json", "epochs_json", "final_json", "T_h
 
 
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    """``'mlc'`` → ``'MLC'``; a run of an older algorithm version, ``'mlc@v1'`` → ``'MLC (v1)'``."""
+    base, _, version = name.partition("@")
+    return METHOD_LABELS.get(base, base) + (f" ({version})" if version else "")
 
 
 def method_sort_key(name: str):
-    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+    base = name.partition("@")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+def versioned_method(method: str, resolved_options: dict | None) -> str:
+    """The name a run's results are reported under: the method's name, or ``'NAME@vK'`` when
+    the run's resolved options are of an older (or other) algorithm version than the
+    method's current one, so a report never averages two algorithms under one name."""
+    from ..methods import METHODS, algorithm_version  # torch: imported only when a report needs it
+    cls = METHODS.get(method)
+    if cls is None or resolved_options is None:
+        return method
+    version = algorithm_version(method, resolved_options)
+    return method if version == cls.VERSION else f"{method}@v{version}"
 
 
 @dataclass
@@ -66,7 +81,10 @@ class SweepResults:
     def methods(self) -> list[str]:
         order = list(self.config.get("grid", {}).get("methods", []))
         extra = sorted({r["method"] for r in self.runs} - set(order), key=method_sort_key)
-        return [m for m in order if any(r["method"] == m for r in self.runs)] + extra
+        present = [m for m in order if any(r["method"] == m for r in self.runs)]
+        # an older version of a method sits beside it
+        return sorted(present + extra, key=lambda m: (present.index(m.partition("@")[0])
+                                                     if m.partition("@")[0] in present else len(present), m))
 
     def expected_strengths(self) -> int | None:
         s = self.config.get("grid", {}).get("strengths")
@@ -88,6 +106,8 @@ def load_results(sweep_dir: str | Path) -> SweepResults:
     for r in rows:
         for key in JSON_FIELDS:
             r[key.removesuffix("_json")] = load_json(r[key]) if r.get(key) else None
+        if r["status"] == "done":
+            r["method"] = versioned_method(r["method"], (r.get("resolved") or {}).get("method_options"))
     return SweepResults(sweep_dir, config, rows, invocations)
 
 

@@ -1,0 +1,120 @@
+"""MLC's T-update rules (metacorrect.methods.t_update) and MLC's options around them.
+
+The statistical bounds: under a hypergradient of pure noise the tested rule looks at the
+evidence ``K`` times (``blocks``) and moves an entry only where its mean differs from zero by
+more than ``z_crit`` standard errors. Each look is a two-sided test on at least ``B``
+scaled hypergradients, whose false-positive rate is at most ``p = P(|t_{B-1}| > z_crit)``
+(Student's t, a conservative stand-in for the normal at small ``B``), so the expected number
+of moves over the run is at most ``K·C²·p`` (union bound over looks and entries). Each move
+changes a row's L1 distance by at most ``2·4·meta_lr`` (the largest Rprop step, moved in one
+entry and renormalised), so ``E[T error] ≤ 8·meta_lr·K·C·p``; Markov's inequality then
+bounds the chance that a fixed-seed draw exceeds ten times that at 10 %.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from metacorrect.methods import create_method
+from metacorrect.methods.t_update import T_UPDATES, TUpdate
+from metacorrect.noise import t_error
+
+
+def _t_tail(df: int, z: float) -> float:
+    """Two-sided tail P(|t_df| > z), by numerical integration of the density (no scipy)."""
+    xs = np.linspace(z, 200.0, 400_001)
+    dens = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * \
+        (1 + xs ** 2 / df) ** (-(df + 1) / 2)
+    return float(2 * np.trapezoid(dens, xs))
+
+
+def test_tested_rule_leaves_T_at_the_identity_when_the_hypergradient_is_noise():
+    C, N, lr = 4, 3000, 0.05
+    up = TUpdate("tested", lr, N)
+    K = math.ceil(N / up.block)
+    expected_moves = K * C * C * _t_tail(up.block - 1, up.z_crit)  # union bound: 2.4 here
+    gen = torch.Generator().manual_seed(0)
+    T = torch.eye(C, dtype=torch.float64)
+    for _ in range(N):
+        T = up.step(T, torch.randn(C, C, generator=gen, dtype=torch.float64) * 7.0)
+    assert torch.allclose(T.sum(1), torch.ones(C, dtype=torch.float64))
+    assert up.moves <= 4 * expected_moves  # Markov: a draw fails this with probability <= 1/4
+    # a move is at most 4·lr in one entry, renormalised: at most 8·lr of L1 in its row
+    assert t_error(T.numpy(), np.eye(C)) <= 8 * lr * up.moves / C + 1e-12
+    assert t_error(T.numpy(), np.eye(C)) < 0.1
+
+
+def test_v1_rule_random_walks_under_the_same_noise():
+    # the behaviour the tested rule replaces: fixed-size steps drift far from I on pure noise
+    C, N = 4, 3000
+    up = TUpdate("v1", 0.01, N)
+    gen = torch.Generator().manual_seed(0)
+    T = torch.eye(C, dtype=torch.float64)
+    for _ in range(N):
+        T = up.step(T, torch.randn(C, C, generator=gen, dtype=torch.float64))
+    assert t_error(T.numpy(), np.eye(C)) > 0.3
+
+
+def test_tested_rule_reaches_a_far_T_from_a_consistent_signal_whatever_its_scale():
+    # the hypergradient of 0.5·|T − T*|² plus noise ten times its size, at two overall scales
+    C = 3
+    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.2, 0.8], [0.6, 0.0, 0.4]], dtype=torch.float64)
+    for scale in (1e-4, 1e3):
+        up = TUpdate("tested", 0.05, 4000)
+        gen = torch.Generator().manual_seed(1)
+        T = torch.eye(C, dtype=torch.float64)
+        for _ in range(4000):
+            g = (T - target) + 10 * 0.1 * torch.randn(C, C, generator=gen, dtype=torch.float64)
+            T = up.step(T, scale * g)
+        assert t_error(T.numpy(), target.numpy()) < 0.15, scale
+
+
+def test_tested_rule_state_resumes_bit_exactly():
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(3, 3, generator=gen) + torch.tensor([[0.5, -0.5, 0], [0, 0, 0], [0, 0, 0]])
+             for _ in range(300)]
+    full = TUpdate("tested", 0.05, 300)
+    T_full = torch.eye(3)
+    for g in grads:
+        T_full = full.step(T_full, g)
+    first = TUpdate("tested", 0.05, 300)
+    T = torch.eye(3)
+    for g in grads[:137]:  # mid-block
+        T = first.step(T, g)
+    second = TUpdate("tested", 0.05, 300)
+    second.load_state_dict(first.state_dict(), "cpu")
+    for g in grads[137:]:
+        T = second.step(T, g)
+    assert torch.equal(T, T_full) and not torch.equal(T_full, torch.eye(3))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"meta_lr": 0}, "meta_lr must be a number > 0"),
+    ({"meta_lr": -0.1}, "meta_lr must be a number > 0"),
+    ({"meta_lr": float("nan")}, "meta_lr must be a number > 0"),
+    ({"t_update": "sgd"}, re.escape(f"t_update must be one of {T_UPDATES}")),
+    ({"t_space": "both"}, "t_space must be one of"),
+    ({"t_init": "random"}, "t_init must be"),
+    ({"t_warmup": 1.0}, r"t_warmup must be a fraction in \[0, 1\)"),
+    ({"t_blocks": 0}, "t_blocks must be >= 1"),
+    ({"z_crit": -1.0}, "z_crit must be >= 0"),
+    ({"update_every": 0}, "update_every must be >= 1"),
+])
+def test_bad_mlc_options_name_the_option_and_the_allowed_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_method("mlc", **options)
+
+
+def test_released_and_v1_are_one_option_each_and_versioned():
+    released = create_method("mlc", t_update="released")
+    assert (released.reset_each_step, released.t_space, released.normalise, released.update_every) == \
+        (True, "logits", "columns", 1)
+    assert released.meta_lr == 0.11 and released.version == 2
+    v1 = create_method("mlc", t_update="v1")
+    assert v1.meta_lr == 0.01 and v1.version == 1
+    assert create_method("mlc").version == 2
