@@ -23,7 +23,7 @@ def test_train_writes_the_run_folder_and_predict_applies_the_model(tmp_path, cap
     assert config["config"]["method_options"]["virtual_lr"] == 0.1
     assert set(config["versions"]) >= {"python", "torch", "metacorrect"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]  # two phases of 2 epochs: GLC's estimate, then MLC
     assert all(0 <= m["test_acc"] <= 1 and "t_error" in m for m in metrics)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "mlc" and summary["final_test_acc"] == metrics[-1]["test_acc"]

@@ -232,3 +232,27 @@ def test_option_sets_that_differ_only_by_later_defaults_are_one_setting():
     results = SweepResults(Path("."), {}, [row(before), row(now), row(other)])
     variants = method_options_by_method(results)["mlc"]
     assert variants == [now, other]  # the record spelled as the method is now is kept
+
+
+def test_runs_of_an_older_algorithm_version_are_reported_apart_under_their_own_name():
+    from metacorrect.methods import create_method
+    from metacorrect.report.tables import auc_table, method_label, versioned_method
+
+    now = create_method("mlc").options()
+    v1 = {k: v for k, v in now.items() if k not in ("t_update", "t_blocks", "z_crit", "t_warmup")}  # before t_update
+    assert versioned_method("mlc", now) == "mlc" and versioned_method("mlc", v1) == "mlc@v1"
+    assert versioned_method("mlc", {**now, "t_update": "v1"}) == "mlc@v1"
+    assert versioned_method("glc", create_method("glc").options()) == "glc"
+    assert method_label("mlc@v1") == "MLC (v1)"
+
+    def row(opts, strength, err):
+        return {"status": "done", "test_error": err, "method": versioned_method("mlc", opts), "dataset": "d",
+                "noise": "flip", "trusted": 0.1, "seed": 0, "strength": strength, "label_set": None,
+                "resolved": {"method_options": opts}}
+
+    from metacorrect.report.tables import SweepResults
+    results = SweepResults(Path("."), {"grid": {"methods": ["mlc"], "strengths": [0.0, 0.5]}},
+                           [row(v1, 0.0, 0.4), row(v1, 0.5, 0.6), row(now, 0.0, 0.1)])
+    assert results.methods() == ["mlc", "mlc@v1"]
+    rows = {r["method"]: r for r in auc_table(results) if r["kind"] == "row"}
+    assert rows["mlc@v1"]["mean_error"] == pytest.approx(50.0) and rows["mlc"]["mean_error"] == pytest.approx(10.0)

@@ -118,3 +118,37 @@ def test_released_and_v1_are_one_option_each_and_versioned():
     v1 = create_method("mlc", t_update="v1")
     assert v1.meta_lr == 0.01 and v1.version == 1
     assert create_method("mlc").version == 2
+
+
+def _digits_mlc(strength, epochs=30):
+    from metacorrect.data import load_dataset, make_problem
+    from metacorrect.models import create_model
+    from metacorrect.train import TensorBatchLoader, fit
+    ds = load_dataset("digits")
+    problem = make_problem(ds, "flip", strength, 0.1, 0)
+    torch.manual_seed(0)
+    model = create_model("mlp", ds.input_shape, ds.num_classes)
+    noisy = TensorBatchLoader(*problem.tensors("noisy"), 32, seed=1, transform=ds.train_transform)
+    trusted = TensorBatchLoader(*problem.tensors("trusted"), 32, seed=2, transform=ds.train_transform)
+    test = TensorBatchLoader(*problem.tensors("test"), 1000, shuffle=False, transform=ds.test_transform)
+    result = fit(model, torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-6), noisy, trusted, "mlc",
+                 epochs=epochs, num_classes=ds.num_classes, T_true=problem.T_true, test_loader=test, device="cpu")
+    return result, problem.T_true
+
+
+def test_default_mlc_on_clean_labels_keeps_T_near_the_identity():
+    # the bound: T starts at GLC's estimate and each move of the tested rule adds at most
+    # 8·meta_lr / C to the mean row L1 (see the module docstring)
+    result, T_true = _digits_mlc(0.0)
+    mlc = result.method
+    start = t_error(mlc.T_start.double().numpy(), T_true)
+    final = t_error(result.T, T_true)
+    assert final <= start + 8 * mlc.meta_lr * mlc.updater.moves / T_true.shape[0] + 1e-6
+    assert final < 0.1
+
+
+def test_default_mlc_learns_a_flip_far_from_the_identity():
+    result, T_true = _digits_mlc(1.0)
+    assert t_error(np.eye(10), T_true) == 2.0
+    assert t_error(result.T, T_true) < 0.15
+    assert result.history[-1]["test_acc"] > 0.9

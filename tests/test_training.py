@@ -29,8 +29,10 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run_exactly(tmp_
     full = run_experiment(config, tmp_path / "full")
 
     def stop_after_second_epoch(metrics):
-        if metrics["epoch"] == 2:
-            raise Interrupt  # killed after epoch 2's metrics, before its checkpoint: resumes from epoch 1
+        if metrics["epoch"] == 5:
+            # MLC's phase 2 (after GLC's estimate), killed after its second epoch's metrics and
+            # before its checkpoint: resumes from epoch 4, mid-way through the T updater's evidence
+            raise Interrupt
 
     with pytest.raises(Interrupt):
         run_experiment(config, tmp_path / "cut", on_epoch=stop_after_second_epoch)
@@ -42,7 +44,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run_exactly(tmp_
     assert np.array_equal(np.load(tmp_path / "full" / "T.npy"), np.load(tmp_path / "cut" / "T.npy"))
     assert resumed["final_test_acc"] == full["final_test_acc"]
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_of_a_two_phase_method_reproduces_the_run(tmp_path):
@@ -140,7 +142,8 @@ def test_python_api_returns_model_T_and_history_with_any_dataloader():
     seen = []
     result = fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted, "mlc", epochs=2, num_classes=3,
                  test_loader=trusted, callbacks=[seen.append], device="cpu")
-    assert result.model is model and result.T.shape == (3, 3) and len(result.history) == 2 == len(seen)
+    # MLC's default has two phases of 2 epochs (GLC's estimate, then MLC)
+    assert result.model is model and result.T.shape == (3, 3) and len(result.history) == 4 == len(seen)
     assert 0 <= result.history[-1]["test_acc"] <= 1
 
 
@@ -246,7 +249,7 @@ def test_trusted_only_min_updates_adds_passes_per_epoch_and_resumes_exactly(tmp_
 def test_fused_optimizer_setting_builds_the_fused_kernel_and_keeps_old_fingerprints():
     import hashlib
     from metacorrect.experiments.run import build_optimizer
-    plain, fused = small_config(), small_config(fused_optimizer=True)
+    plain, fused = small_config(method="ce"), small_config(method="ce", fused_optimizer=True)
     d = plain.to_dict()
     for key in ("data_dir", "device", "fused_optimizer"):
         d.pop(key)
