@@ -88,6 +88,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from . import perf
+from .distributed import SINGLE, World
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +501,13 @@ class MetaGradient:
         scope: ``'all'`` (default: the virtual step moves every trainable parameter,
             exact) or ``'head'`` (only the last ``nn.Linear`` moves: the documented
             approximation of the module docstring).
+        world: the training processes (:mod:`metacorrect.distributed`). Called with
+            ``shares=(n_r/n, m_r/m)`` — this rank's shares of the global noisy and trusted
+            batches — the engine is exact over the ranks: the virtual step's gradient, the
+            clean loss's gradient at the virtual weights and the hypergradient are each
+            summed over the ranks with those weights (three all-reduces, of two
+            parameter-sized vectors and one the size of the hyperparameters), so every rank
+            gets the hypergradient one process would compute on the union of the batches.
     """
 
     MODES = ("auto", "fast", "reference")
@@ -508,7 +516,7 @@ class MetaGradient:
 
     def __init__(self, model: nn.Module, virtual_lr: float, mode: str = "auto",
                  clean_loss: CleanLoss = F.cross_entropy, virtual_update: VirtualUpdate | None = None,
-                 jvp: str = "auto", reuse_primals: bool = True, scope: str = "all"):
+                 jvp: str = "auto", reuse_primals: bool = True, scope: str = "all", world: World = SINGLE):
         if scope not in self.SCOPES:
             raise ValueError(f"meta-gradient scope must be one of {self.SCOPES}, got {scope!r}")
         if mode not in self.MODES:
@@ -518,6 +526,7 @@ class MetaGradient:
         if not virtual_lr > 0:
             raise ValueError(f"virtual learning rate must be > 0, got {virtual_lr}")
         self.model = model
+        self.world = world
         self.virtual_lr = float(virtual_lr)
         self.clean_loss = clean_loss
         self.virtual_update = virtual_update
@@ -574,14 +583,16 @@ class MetaGradient:
         return self._slots
 
     def __call__(self, noisy_loss: NoisyLoss, hyper: Sequence[torch.Tensor], x_noisy, y_noisy,
-                 x_clean, y_clean) -> MetaResult:
+                 x_clean, y_clean, *, shares: tuple[float, float] | None = None) -> MetaResult:
         hyper = tuple(hyper)
+        if shares is not None and self.head is not None:
+            raise ValueError("the head-only meta-gradient (scope='head') has no distributed form")
         if self.mode == "reference":
-            return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
+            return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
         if self.head is not None:
             return self.fast_head(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
         if self._verified:
-            return self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
+            return self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
         # Until one fast call has succeeded, a failure (an operation without forward-mode or
         # double-backward support) must leave no trace: keep the buffers (BatchNorm running
         # statistics) and the RNG state to restore before the next route is tried.
@@ -590,7 +601,7 @@ class MetaGradient:
         tried: list[str] = []
         while True:
             try:
-                result = self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
+                result = self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
                 self._verified = True
                 return result
             except (NotImplementedError, RuntimeError) as exc:
@@ -609,11 +620,21 @@ class MetaGradient:
                 other = "reverse" if self.jvp == "forward" else "forward"
                 if other in tried:
                     self._fall_back(reason, strict=self.mode == "fast")
-                    return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
+                    return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
                 self._fall_back(reason, to=other)
 
     # ------------------------------------------------------------------ fast, exact
-    def fast(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, *, jvp: str | None = None) -> MetaResult:
+    def _over_ranks(self, tensors, share: float | None, empty: bool = False):
+        """``Σ_r share_r · t_r`` over the ranks (unchanged in one process); a rank whose slice
+        is empty (``share == 0``) contributes zeros, whatever its tensors hold (a mean over no
+        example is NaN)."""
+        if share is None:
+            return list(tensors)
+        local = [None if t is None else (torch.zeros_like(t) if share == 0 else t) for t in tensors]
+        return self.world.reduce_scaled(local, share)
+
+    def fast(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, *, jvp: str | None = None,
+             shares: tuple[float, float] | None = None) -> MetaResult:
         model, alpha = self.model, self.virtual_lr
         route = jvp or self.jvp
         params = self._params()
@@ -638,6 +659,8 @@ class MetaGradient:
             grads = torch.autograd.grad(noisy_loss(logits, y_noisy, *fixed), plist, retain_graph=True,
                                         allow_unused=True)
         detached = [None if g is None else g.detach() for g in grads]
+        n_share, c_share = shares if shares is not None else (None, None)
+        detached = self._over_ranks(detached, n_share)
         virtual = [(p.detach() if g is None else torch.sub(p.detach(), g, alpha=alpha)).requires_grad_()
                    for p, g in zip(plist, detached)]
         with frozen_batchnorm_stats(model):
@@ -645,6 +668,7 @@ class MetaGradient:
                 clean = self.clean_loss(model(x_clean), y_clean)
             g_clean = torch.autograd.grad(clean, virtual, allow_unused=True)
             g_clean = [torch.zeros_like(v) if g is None else g for v, g in zip(virtual, g_clean)]
+            g_clean = self._over_ranks(g_clean, c_share)
             if route == "reverse":
                 pairs = [(g, gc) for g, gc in zip(grads, g_clean) if g is not None and g.requires_grad]
                 u = None
@@ -660,6 +684,7 @@ class MetaGradient:
         if u is None:  # the output does not depend on the parameters along g_clean
             u = torch.zeros_like(z)
         hypergrads = fast_head_hypergradient(noisy_loss, z, y_noisy, hyper, u.detach(), alpha)
+        hypergrads = tuple(self._over_ranks(hypergrads, n_share))
         return MetaResult(hypergrads, clean.detach(), logits, "fast", tuple(detached))
 
     # ------------------------------------------------------------------ head only, closed form
@@ -689,7 +714,8 @@ class MetaGradient:
         return MetaResult(hypergrads, clean.detach(), logits, "head")
 
     # ------------------------------------------------------------------ reference, exact
-    def reference(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean) -> MetaResult:
+    def reference(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, *,
+                  shares: tuple[float, float] | None = None) -> MetaResult:
         model = self.model
         params = self._params()
         names = list(params)
@@ -702,6 +728,12 @@ class MetaGradient:
                 check_twice_differentiable(grads)
                 self._verified_reference = True
             grads = {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+            if shares is not None:
+                # the virtual step's gradient summed over the ranks *through autograd*: the
+                # backward sums the ranks' cotangents, so each rank's hypergradient is its share
+                # of the whole one; an empty slice adds zeros (and no graph to T)
+                local = [grads[n] if shares[0] > 0 else torch.zeros_like(params[n]) for n in names]
+                grads = dict(zip(names, self.world.differentiable_sum(local, shares[0])))
             if self.virtual_update is None:
                 virtual = sgd_update(params, grads, self.virtual_lr)
             else:
@@ -709,8 +741,15 @@ class MetaGradient:
             slots = self._param_slots(names, [params[n] for n in names])
             with swapped_parameters(slots, [virtual[n] for n in names]):
                 clean = self.clean_loss(model(x_clean), y_clean)
+            if shares is not None:
+                # every rank must run the backward through the all-reduce: the term in the
+                # virtual weights keeps the graph connected when this rank's clean slice is empty
+                connect = sum((virtual[n] * 0).sum() for n in names)
+                clean = (clean * shares[1] if shares[1] > 0 else 0.0) + connect
         hypergrads = torch.autograd.grad(clean, leaves, allow_unused=True)
         hypergrads = tuple(torch.zeros_like(h) if g is None else g for h, g in zip(leaves, hypergrads))
+        if shares is not None:
+            hypergrads = tuple(self.world.all_reduce([h.clone() for h in hypergrads]))
         # the actual step's forward, with the running-statistics update a plain step makes
         return MetaResult(hypergrads, clean.detach(), model(x_noisy), "reference")
 

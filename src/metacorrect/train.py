@@ -29,6 +29,7 @@ import torch.nn as nn
 from . import noise as noise_models
 from . import perf
 from ._validation import check_transition_matrix
+from .distributed import SINGLE, World, shard_bounds
 from .methods import Method, create_method
 
 CHECKPOINT_FORMAT = 1
@@ -57,7 +58,8 @@ class TensorBatchLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, transform: Callable | None = None, drop_last: bool = False):
+                 seed: int = 0, transform: Callable | None = None, drop_last: bool = False,
+                 world: World = SINGLE):
         if len(x) != len(y):
             raise ValueError(f"inputs and labels differ in number: {len(x)} and {len(y)}")
         if batch_size < 1:
@@ -68,6 +70,10 @@ class TensorBatchLoader:
         self.transform = transform
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(seed)
+        # distributed: every rank draws the same global batches and keeps its slice
+        # (metacorrect.distributed); ``last_count`` is (this rank's, the global) batch size
+        self.world = world
+        self.last_count = (0, 0)
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -78,10 +84,15 @@ class TensorBatchLoader:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            if order is None:
+            idx = torch.arange(n)[sl] if order is None else order[sl]
+            global_n = len(idx)
+            if self.world.active:
+                start, stop = shard_bounds(global_n, self.world.rank, self.world.size)
+                idx = idx[start:stop]
+            self.last_count = (len(idx), global_n)
+            if order is None and not self.world.active:
                 x, y = self.x[sl], self.y[sl]
             else:
-                idx = order[sl]
                 x, y = self.x[idx], self.y[idx]
             yield (self.transform(x) if self.transform is not None else x), y
 
@@ -103,15 +114,54 @@ class TrainContext:
     steps_per_epoch: int = 0
     step_in_phase: int = 0
     epoch_in_phase: int = 0
+    world: World = SINGLE
+    # this step's (local, global) batch sizes per stream, and the stream of a single-stream step
+    counts: dict = field(default_factory=dict)
+    primary_stream: str = "noisy"
     _initial_model: dict = field(default_factory=dict, repr=False)
     _initial_optimizer: dict = field(default_factory=dict, repr=False)
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
+    def share(self, stream: str) -> float:
+        """This rank's share ``n_r / n`` of the step's global batch of ``stream`` (1 in one process)."""
+        local, total = self.counts.get(stream, (1, 1))
+        return local / total if total else 0.0
+
+    def optimizer_step(self, loss: torch.Tensor, trusted_loss: torch.Tensor | None = None) -> None:
+        """One optimizer step on ``loss`` (+ ``trusted_loss``): ``loss`` is a batch mean over the
+        step's noisy batch (on a single-stream step: over its one batch), ``trusted_loss`` one
+        over the paired trusted batch. Distributed, each term is weighted by this rank's share
+        of its global batch and the gradients are summed over the ranks, which makes the step
+        the one process would take on the union of the ranks' batches."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if not self.world.active:
+            (loss if trusted_loss is None else loss + trusted_loss).backward()
+        else:
+            terms = [(loss, self.primary_stream)] + ([] if trusted_loss is None else [(trusted_loss, "trusted")])
+            weighted = [t * self.share(s) for t, s in terms if self.share(s) > 0]  # an empty slice adds nothing
+            if weighted:
+                sum(weighted).backward()
+            self.sync_gradients()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def reported(self, loss: torch.Tensor, trusted_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's loss to report, detached: ``loss`` (+ ``trusted_loss``), leaving out a
+        term over an empty slice of this rank (a mean over no example is NaN)."""
+        terms = [(loss, self.primary_stream)] + ([] if trusted_loss is None else [(trusted_loss, "trusted")])
+        kept = [t for t, s in terms if self.share(s) > 0]
+        return sum(kept).detach() if kept else torch.zeros((), device=self.device)
+
+    def sync_gradients(self) -> None:
+        """Sum the parameters' gradients over the ranks (one coalesced all-reduce); a
+        parameter no rank has a gradient for keeps ``None`` (as one process would, so the
+        optimizer skips it alike)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        has = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=self.device)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        self.world.all_reduce([has] + grads)
+        for p, g, h in zip(params, grads, has.tolist()):
+            p.grad = g if h > 0 else None
 
     def reinitialise(self) -> None:
         """Restore the model's initial weights and a fresh optimizer (methods that retrain
@@ -137,7 +187,13 @@ class TrainContext:
             probs.append(torch.softmax(self.model(x).float(), 1).cpu())
             labels.append(y.cpu())
         self.model.train(was_training)
-        return torch.cat(probs), torch.cat(labels)
+        probs, labels = torch.cat(probs), torch.cat(labels)
+        if self.world.active and getattr(loader, "world", SINGLE).active:
+            # a sharded loader gave this rank its slices: every rank gets every rank's (in rank
+            # order; the estimates built on them do not depend on the order)
+            parts = self.world.gather_objects((probs, labels))
+            probs, labels = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
+        return probs, labels
 
 
 @dataclass
@@ -249,7 +305,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         device: str | torch.device = "auto", scheduler: Callable | None = None,
         callbacks: Sequence[Callable[[dict], None]] = (), progress: Callable[[int, int, str], None] | None = None,
         checkpoint_path: str | os.PathLike | None = None, resume: bool = False, fingerprint: str | None = None,
-        seed: int = 0, **method_options) -> FitResult:
+        seed: int = 0, world: World = SINGLE, on_step: Callable[[int, float], None] | None = None,
+        **method_options) -> FitResult:
     """Train ``model`` with a noisy-label method and return the model, the learned/estimated
     T (``T[i, j] = P(noisy=j | true=i)``) and the per-epoch metric history.
 
@@ -266,10 +323,18 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             every iteration and rebuilt at the start of each phase.
         callbacks: called with each epoch's metrics dict.
         progress: called as ``progress(step, steps_in_epoch, label)``.
+        on_step: called after every training step as ``on_step(global_step, loss)`` (the
+            step counted from 1 over the whole run, resumes included; e.g. TensorBoard).
         checkpoint_path: where to checkpoint after every epoch; with ``resume=True`` an
             existing checkpoint is continued (it must carry the same ``fingerprint``).
         seed: seeds torch's global RNG (initialisation, dropout, augmentation) and the
             interleaving of streams.
+        world: the training processes (:mod:`metacorrect.distributed`; default one
+            process). Distributed, the loaders must be built with the same ``world`` (each
+            rank keeps its slice of every global batch); the model must start identical on
+            every rank; rank 0 alone calls ``callbacks`` and ``progress`` and writes the
+            checkpoint, which holds every rank's RNG state. Resuming needs the same number of
+            processes.
 
     On CPU, ``fit`` turns on torch's flush-to-zero mode for subnormal floats for the
     process (:func:`metacorrect.perf.flush_denormals`; opt out with
@@ -292,14 +357,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     if method_options and not isinstance(method, Method):
         raise ValueError("method options were given with a Method instance; set them on the instance")
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + 1000 * world.rank)  # dropout and augmentation draw per rank
+    if not world.is_main:
+        callbacks, progress, on_step = (), None, None
     if device.type == "cpu":
         perf.flush_denormals()  # optimizer states decaying into subnormals slow CPU steps ~20x
     model.to(device)
     model.train()
+    world.broadcast_module(model)  # every replica starts from rank 0's weights
     ctx = TrainContext(model=model, optimizer=optimizer, device=device, num_classes=int(num_classes),
                        noisy_loader=noisy_loader, trusted_loader=trusted_loader, scheduler_factory=scheduler,
-                       T_true=T_true, epochs=epochs)
+                       T_true=T_true, epochs=epochs, world=world)
     ctx._initial_model = copy.deepcopy(model.state_dict())
     ctx._initial_optimizer = copy.deepcopy(optimizer.state_dict())
     interleave_gen = torch.Generator().manual_seed(seed + 7919)
@@ -310,15 +378,20 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     first_phase, first_epoch = 0, 0
     resumed_scheduler = None
     elapsed_before = 0.0
+    global_step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and resume and ckpt.exists():
         state = load_checkpoint(ckpt, fingerprint)
+        if state.get("world_size", 1) != world.size:
+            raise CheckpointError(f"checkpoint {ckpt} was written by a run of {state.get('world_size', 1)} "
+                                  f"process(es); this one has {world.size}. Resume with the same number of "
+                                  f"processes (the global batches would be sharded differently otherwise)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         ctx._initial_model = state["initial_model"]
         ctx._initial_optimizer = state["initial_optimizer"]
-        _set_rng_state(state["rng"], device)
+        _set_rng_state(state["rng_ranks"][world.rank] if "rng_ranks" in state else state["rng"], device)
         interleave_gen.set_state(state["interleave"])
         for k, g in _loader_generators(loaders).items():
             if k in state["loaders"]:
@@ -326,6 +399,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         history = state["history"]
         first_phase, first_epoch = state["phase"], state["epoch"]
         elapsed_before = state.get("elapsed", 0.0)
+        global_step = state.get("global_step", 0)
         resumed_scheduler = state.get("scheduler")
 
     checked_width = False
@@ -364,7 +438,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     _check_output_width(model, nb or tb, ctx.num_classes)
                     checked_width = True
                 ctx.step_in_phase = epoch * steps + i
-                total = total + method.step(ctx, nb, tb)
+                ctx.counts = {}
+                for stream, batch, loader in (("noisy", nb, noisy_loader), ("trusted", tb, trusted_loader)):
+                    if batch is not None:
+                        ctx.counts[stream] = getattr(loader, "last_count", None) or (len(batch[1]),) * 2
+                ctx.primary_stream = "noisy" if nb is not None else "trusted"
+                step_loss = method.step(ctx, nb, tb)
+                if ctx.share(ctx.primary_stream) > 0:  # a rank's empty slice has no loss to report
+                    total = total + step_loss
+                global_step += 1
+                if on_step is not None:
+                    on_step(global_step, float(step_loss))
                 if progress is not None:
                     progress(i + 1, steps, f"{phase.name} epoch {epoch + 1}/{epochs}")
             mean_loss = float(total) / max(steps, 1)
@@ -375,6 +459,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     f"(method {method.name}); the last good checkpoint is kept"
                     f"{f' at {ckpt}' if ckpt is not None else ''}. Lower the learning rate or check the inputs "
                     f"for NaN/Inf.")
+            # BatchNorm's running statistics: each rank kept its own slices'; rank 0's go to every
+            # rank (as DDP's broadcast_buffers), so the replicas evaluate and checkpoint alike
+            world.broadcast_buffers(model)
             metrics: dict[str, Any] = {"epoch": len(history) + 1, "phase": phase.name, "phase_epoch": epoch + 1,
                                        "train_loss": mean_loss, "epoch_s": epoch_s}
             if test_loader is not None:
@@ -387,16 +474,19 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             history.append(metrics)
             for cb in callbacks:
                 cb(metrics)
-            if ckpt is not None:
+            rng_ranks = world.gather_objects(_rng_state(device)) if world.active else None
+            if ckpt is not None and world.is_main:
                 gens = _loader_generators(loaders)
                 save_checkpoint(ckpt, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "phase": p_index, "epoch": epoch + 1,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
-                    "method": method.state_dict(), "rng": _rng_state(device),
+                    "method": method.state_dict(), "rng": _rng_state(device), "world_size": world.size,
+                    **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
                     "interleave": interleave_gen.get_state(), "loaders": {k: g.get_state() for k, g in gens.items()},
                     "initial_model": ctx._initial_model, "initial_optimizer": ctx._initial_optimizer,
-                    "history": history, "elapsed": elapsed_before + time.perf_counter() - start})
+                    "history": history, "global_step": global_step,
+                    "elapsed": elapsed_before + time.perf_counter() - start})
         first_epoch = 0
     T_final = method.estimated_T()
     return FitResult(model=model, T=None if T_final is None else _as_stochastic(T_final), history=history,

@@ -215,9 +215,16 @@ class MLC(Method):
             T0 = check_transition_matrix(self.t_init, "t_init", C)
         self.T = torch.tensor(T0, dtype=torch.float32, device=ctx.device)
         self.T_start = self.T.clone()  # where the MLC phase's T started (a diagnostic)
+        if ctx.world.active:
+            unsupported = [name for name, on in (("reuse_virtual_grad", self.reuse_virtual_grad),
+                                                 ("meta_batch", self.meta_batch is not None),
+                                                 ("meta_scope='head'", self.meta_scope == "head")) if on]
+            if unsupported:
+                raise ValueError(f"mlc option(s) {', '.join(unsupported)} are not available in distributed "
+                                 f"training (they act on one process's batch); leave them at their defaults")
         self.updater = None
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp,
-                                   scope=self.meta_scope)
+                                   scope=self.meta_scope, world=ctx.world)
 
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "mlc" and len(self.phases) == 2:
@@ -251,9 +258,9 @@ class MLC(Method):
         x_n, y_n = noisy
         x_c, y_c = trusted
         if ctx.epoch_in_phase < self.warmup_epochs:
-            loss = F.cross_entropy(ctx.model(x_n), y_n) + F.cross_entropy(ctx.model(x_c), y_c)
-            ctx.optimizer_step(loss)
-            return loss.detach()
+            loss, loss_c = F.cross_entropy(ctx.model(x_n), y_n), F.cross_entropy(ctx.model(x_c), y_c)
+            ctx.optimizer_step(loss, loss_c)
+            return ctx.reported(loss, loss_c)
         if self.reset_each_step:
             self.T = torch.eye(ctx.num_classes, device=ctx.device)
         meta_now = self._iteration % int(self.update_every) == 0
@@ -262,15 +269,15 @@ class MLC(Method):
             # between meta steps, and while T is held at its initial value (t_warmup): the
             # corrected loss with the current T (and the trusted batch's cross-entropy while T waits)
             loss = self.loss_fn(ctx.model(x_n), y_n, self.T)
-            if meta_now and self.trusted_ce:
-                loss = loss + F.cross_entropy(ctx.model(x_c), y_c)
-            ctx.optimizer_step(loss)
-            return loss.detach()
+            loss_c = F.cross_entropy(ctx.model(x_c), y_c) if meta_now and self.trusted_ce else None
+            ctx.optimizer_step(loss, loss_c)
+            return ctx.reported(loss, loss_c)
         if self.meta_batch is not None and int(self.meta_batch) < len(y_c):
             x_m, y_m = x_c[:int(self.meta_batch)], y_c[:int(self.meta_batch)]
         else:
             x_m, y_m = x_c, y_c
-        result = self.engine(self.loss_fn, (self.T,), x_n, y_n, x_m, y_m)
+        distributed = {"shares": (ctx.share("noisy"), ctx.share("trusted"))} if ctx.world.active else {}
+        result = self.engine(self.loss_fn, (self.T,), x_n, y_n, x_m, y_m, **distributed)
         T_old = self.T
         self.T = self._updater(ctx).step(self.T, result.hypergrads[0])
         if self.reuse_virtual_grad and result.virtual_grads is not None:
@@ -282,10 +289,11 @@ class MLC(Method):
             loss = loss - loss.detach() + value
         else:
             loss = self.loss_fn(result.noisy_logits, y_n, self.T)
-        if self.trusted_ce:
-            loss = loss + F.cross_entropy(ctx.model(x_c), y_c)
-        ctx.optimizer_step(loss)
-        return loss.detach()
+        loss_c = F.cross_entropy(ctx.model(x_c), y_c) if self.trusted_ce else None
+        ctx.optimizer_step(loss, loss_c)
+        if ctx.world.active and self.updater.count % 100 == 1:
+            ctx.world.check_identical(self.T, "MLC's T")  # every replica must hold the same T
+        return ctx.reported(loss, loss_c)
 
     def estimated_T(self):
         return None if self.T is None else self.T.detach().cpu().double().numpy()

@@ -78,6 +78,9 @@ class L2RW(Method):
         self.last_weights: torch.Tensor | None = None  # the latest batch's weights, for inspection
 
     def setup(self, ctx):
+        if getattr(ctx, "world", None) is not None and ctx.world.active:
+            raise ValueError(f"{self.name} has no distributed form yet (its per-example weights would need "
+                             f"normalising over the global batch); train it in one process")
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode)
 
     def step(self, ctx, noisy, trusted):
@@ -167,6 +170,9 @@ class MWNet(Method):
         self.vnet_optimizer = torch.optim.Adam(self.vnet.parameters(), lr=self.meta_lr,
                                                weight_decay=self.meta_weight_decay)
         self._names = [n for n, _ in self.vnet.named_parameters()]
+        if getattr(ctx, "world", None) is not None and ctx.world.active:
+            raise ValueError(f"{self.name} has no distributed form yet (its per-example weights would need "
+                             f"normalising over the global batch); train it in one process")
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode)
 
     def _reduce(self, v: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
