@@ -194,3 +194,20 @@ def test_shards_tile_the_batch_contiguously(n, size):
     sizes = [b - a for a, b in bounds]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     assert np.sum(sizes) == n
+
+
+def test_torchrun_metacorrect_train_equals_one_process(tmp_path):
+    import json
+    import subprocess
+    common = ["train", "--dataset", "digits", "--noise", "flip", "--strength", "0.6", "--trusted", "0.1",
+              "--method", "mlc", "--epochs", "1", "--seed", "0", "--device", "cpu", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "metacorrect", *common, "--out", str(tmp_path / "two")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "metacorrect", *common, "--out", str(tmp_path / "one")], check=True,
+                   env=env, capture_output=True, timeout=300)
+    two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["final_test_acc"] == one["final_test_acc"]
+    assert np.allclose(np.load(tmp_path / "two" / "T.npy"), np.load(tmp_path / "one" / "T.npy"), atol=1e-6)
