@@ -221,6 +221,9 @@ def decode_jpeg_archive(archive: Path, class_names: list[str], progress: Progres
             members = members[:limit]
         total = len(members)
         log.info("decoding %d JPEG images from %s", total, archive)
+        if progress is None:  # a tqdm bar on a terminal, silent otherwise
+            from ..progress import CountProgress
+            progress = CountProgress(f"decoding {archive.name}")
         for n, member in enumerate(members, 1):
             parts = member.name.strip("/").split("/")
             if len(parts) < 3 or parts[-3] not in ("train", "test"):

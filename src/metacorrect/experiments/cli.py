@@ -15,7 +15,21 @@ from its checkpoint. Then `metacorrect report OUT` writes the tables and figures
 
 CONFIG is a TOML file or a shipped preset: {presets}.
 Overrides: --set epochs=2 --set methods=ce,mlc --set strengths=[0.0,0.5]
---set method_options.mlc.update_every=5 (see metacorrect/experiments/config.py)."""
+--set method_options.mlc.update_every=5 (see metacorrect/experiments/config.py).
+
+Launchers: --launcher pool (default) runs --workers processes here. --launcher slurm
+submits the runs not done yet as one Slurm job array through submitit
+(pip install 'metacorrect[cluster]'), e.g.
+  metacorrect sweep cifar10 --launcher slurm --gpus-per-run 1 --cpus-per-run 8 \
+      --mem 32G --time 4:00:00 --partition gpu --max-parallel 16
+each run writing OUT/runs/<run_id>/result.json; `--collect` (or any later sweep or report
+call) merges them into results.sqlite. --launcher local runs the same jobs on this
+machine through submitit's local executor and waits for them."""
+
+
+from .cluster import LAUNCHERS  # noqa: E402  (no heavy imports: submitit loads only when a launcher runs)
+
+CLUSTER_FLAGS = ("max_parallel", "gpus_per_run", "cpus_per_run", "mem", "time", "partition", "account")
 
 
 def add_commands(sub) -> None:
@@ -25,7 +39,8 @@ def add_commands(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG", help="a sweep TOML file or a preset name")
     p.add_argument("--out", default=None, help="sweep folder (default sweeps/<name>)")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--launcher pool: runs in parallel, one process each (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU cores / workers). On a shared or busy "
                         "machine use 1: more threads than free cores can make small models 10x slower")
@@ -41,6 +56,26 @@ def add_commands(sub) -> None:
                    help="run again the runs recorded with other settings than CONFIG now gives them")
     p.add_argument("--discard-models", action="store_true", help="delete each run's model.pt once recorded")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="TensorBoard event files for every run: RUN_DIR/tensorboard, or DIR/<run_id> "
+                        "(pip install 'metacorrect[tensorboard]'; then tensorboard --logdir OUT/runs)")
+    g = p.add_argument_group("launchers (submitit: pip install 'metacorrect[cluster]')")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="pool",
+                   help="pool: --workers processes here (default); slurm: one Slurm job array; local: the same "
+                        "jobs through submitit's local executor, here")
+    g.add_argument("--collect", action="store_true",
+                   help="merge the result files of finished runs into results.sqlite and exit (one writer; "
+                        "safe to run while jobs run)")
+    g.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="runs at a time (the job array's %%CAP; local: jobs at a time, default 1)")
+    g.add_argument("--gpus-per-run", type=int, default=None, metavar="N", help="GPUs of one run (0 or 1)")
+    g.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
+                   help="CPU cores of one run (also its torch threads)")
+    g.add_argument("--mem", default=None, help="memory of one run, Slurm's format (16G, 500M)")
+    g.add_argument("--time", default=None, help="wall-clock limit of one run, Slurm's format (90, 4:00:00, 1-12); "
+                                                "required for slurm")
+    g.add_argument("--partition", default=None, help="Slurm partition")
+    g.add_argument("--account", default=None, help="Slurm account")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables (Markdown, HTML, CSV) and figures of a sweep folder",
@@ -70,11 +105,46 @@ def cmd_sweep(args) -> int:
         print(f"{len(specs)} runs", file=sys.stderr)
         return 0
     out = Path(args.out or f"sweeps/{config.name}")
+    if args.collect:
+        return _collect(out)
+    options = None
+    flags = {k: getattr(args, k) for k in CLUSTER_FLAGS}
+    if args.launcher == "pool":
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+        if given:
+            print(f"error: {', '.join(given)} apply to --launcher slurm or local (submitit jobs); the process pool "
+                  f"takes --workers and --threads", file=sys.stderr)
+            return 2
+    else:
+        from .cluster import ClusterOptionError, ClusterOptions, check_launcher
+        if args.workers is not None:
+            print(f"error: --workers applies to --launcher pool; with --launcher {args.launcher} use --max-parallel",
+                  file=sys.stderr)
+            return 2
+        try:
+            options = ClusterOptions.build(args.launcher, config.cluster, flags)
+            check_launcher(options)
+        except (ClusterOptionError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.tensorboard:
+        from ..tensorboard_logger import require_tensorboard
+        require_tensorboard()
     t0 = time.perf_counter()
     try:
-        result = run_sweep(config, out, workers=args.workers, data_dir=args.data_dir, limit=args.limit,
-                           threads=args.threads, retry_failed=args.retry_failed, rerun_changed=args.rerun_changed,
-                           keep_models=not args.discard_models)
+        if options is None:
+            result = run_sweep(config, out, workers=args.workers or 1, data_dir=args.data_dir, limit=args.limit,
+                               threads=args.threads, retry_failed=args.retry_failed,
+                               rerun_changed=args.rerun_changed, keep_models=not args.discard_models,
+                               tensorboard=args.tensorboard)
+        else:
+            from .cluster import run_cluster_sweep
+            result = run_cluster_sweep(config, out, options, data_dir=args.data_dir, limit=args.limit,
+                                       threads=args.threads, retry_failed=args.retry_failed,
+                                       rerun_changed=args.rerun_changed, keep_models=not args.discard_models,
+                                       tensorboard=args.tensorboard)
+            if options.launcher == "slurm":
+                return _report_submission(args, config, out, result, options)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are in {out / 'results.sqlite'}; run the same command again to resume "
               f"(the interrupted run continues from its last finished epoch)", file=sys.stderr)
@@ -89,6 +159,38 @@ def cmd_sweep(args) -> int:
         print(f"  ({result['failed']} failed; their tracebacks are in the database's runs.error; running the "
               f"same command again retries them)", file=sys.stderr)
     return 1 if result["failed"] else 0
+
+
+def _collect(out: Path) -> int:
+    from .collect import merge_results
+    from .store import ResultsStore, db_path
+    if not db_path(out).exists():
+        print(f"error: no results database at {db_path(out)}: run the sweep (it registers the runs) before "
+              f"--collect", file=sys.stderr)
+        return 2
+    merged = merge_results(out)
+    with ResultsStore(db_path(out)) as store:
+        counts = store.counts()
+    print(f"merged {merged['done']} finished and {merged['failed']} failed run(s) into {db_path(out)}: "
+          f"{counts['done']}/{counts['total']} done, {counts['failed']} failed, "
+          f"{counts['pending'] + counts['running']} left")
+    return 0
+
+
+def _report_submission(args, config, out: Path, result: dict, options) -> int:
+    sub = result.get("submitted") or {}
+    command = f"metacorrect sweep {args.config} --out {out} --collect"
+    if not sub:
+        print(f"\nsweep {config.name}: nothing to submit ({result['done']}/{result['total']} runs done, "
+              f"{result['failed']} failed).")
+        return 0
+    cap = options.max_parallel
+    print(f"\nsubmitted {len(sub['runs'])} run(s) as Slurm job {sub['job_id']}"
+          + (f" (at most {cap} at a time)" if cap else "")
+          + f"; job logs in {out / 'submitit'}. Each run writes {out}/runs/<run_id>/result.json; merge the "
+            f"finished ones into results.sqlite with\n  {command}\n(any later sweep or report call merges "
+            f"too; running the sweep command again resubmits only unfinished runs)")
+    return 0
 
 
 def cmd_report(args) -> int:

@@ -1,6 +1,6 @@
 """Sweep configurations: a TOML file (or a shipped preset) naming a grid of runs.
 
-A sweep file has four tables; only ``[grid]`` is required::
+A sweep file has up to five tables; only ``[grid]`` is required::
 
     name = "mnist"                      # optional; default: the file's stem
     description = "GLC's MNIST protocol"
@@ -31,6 +31,11 @@ A sweep file has four tables; only ``[grid]`` is required::
     [published.mnist]                   # dataset -> method -> mean error over strengths (%)
     trusted_only = 19.0
 
+    [cluster]                           # optional: resources of one run for --launcher slurm
+    partition = "gpu"                   # (or local); see metacorrect.experiments.cluster
+    gpus_per_run = 1
+    time = "4:00:00"
+
 The runs are ordered datasets → seeds → noises (or label sets) → trusted → strengths →
 methods, so a sweep finishes whole (noise, trusted) blocks — whole rows of the table — first.
 
@@ -58,7 +63,7 @@ from .run import RunConfig
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
-TOP_KEYS = ("name", "description", "grid", "run", "method_options", "published", "notes")
+TOP_KEYS = ("name", "description", "grid", "run", "method_options", "published", "notes", "cluster")
 GRID_KEYS = ("datasets", "noises", "strengths", "trusted", "methods", "seeds", "label_sets")
 # run settings that the grid sets, so they may not appear in [run]
 GRID_OWNED = ("dataset", "noise", "strength", "trusted", "method", "method_options", "seed", "label_set")
@@ -102,11 +107,12 @@ class SweepConfig:
     description: str = ""
     notes: str = ""
     source: str = ""  # the file or preset it came from
+    cluster: dict = field(default_factory=dict)  # the [cluster] table: resources of one run (not its identity)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "notes": self.notes, "grid": self.grid,
                 "run": self.run, "method_options": self.method_options, "published": self.published,
-                "source": self.source}
+                "source": self.source, **({"cluster": self.cluster} if self.cluster else {})}
 
     # ------------------------------------------------------------------ grid
     def runs(self) -> list[RunSpec]:
@@ -335,9 +341,19 @@ def sweep_config_from_dict(data: dict, default_name: str = "sweep", *, check_dat
     if not isinstance(published, dict):
         raise SweepConfigError("published must be a table")
 
+    cluster = data.get("cluster", {}) or {}
+    if not isinstance(cluster, dict):
+        raise SweepConfigError("cluster must be a table: [cluster] partition = ..., time = ...")
+    from .cluster import ClusterOptionError, ClusterOptions
+    try:
+        ClusterOptions.build("local", cluster)  # every value checked now (slurm's required --time at launch)
+    except ClusterOptionError as exc:
+        raise SweepConfigError(str(exc)) from None
+
     config = SweepConfig(name=str(data.get("name", default_name)), grid=grid, run=run,
                          method_options=method_options, published=published,
-                         description=str(data.get("description", "")), notes=str(data.get("notes", "")))
+                         description=str(data.get("description", "")), notes=str(data.get("notes", "")),
+                         cluster=dict(cluster))
     config.runs()  # builds every RunConfig: catches bad values early
     return config
 

@@ -11,6 +11,12 @@ it again skips the finished runs and resumes each interrupted one from the check
 its run folder (``run_experiment(..., resume=True)``). One sweep at a time may work in a
 folder (an ``flock`` on ``OUT/.lock``); ``workers`` processes ('spawn' context) claim runs
 from the database atomically, each loading a dataset once and reusing it for its runs.
+
+This is the process-pool launcher (``metacorrect sweep --launcher pool``, the default);
+``--launcher local`` and ``--launcher slurm`` run the same runs as submitit jobs
+(:mod:`.cluster`). Whatever the launcher, a finished run also writes
+``runs/<run_id>/result.json`` (:mod:`.collect`), and every sweep first merges the result
+files of runs that finished elsewhere into the database (:func:`prepare_sweep`).
 """
 
 from __future__ import annotations
@@ -24,10 +30,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from .collect import git_revision, merge_results, retire_failed_result, run_fields, write_result
 from .config import SweepConfig
-from .store import ResultsStore, compact_json, db_path, pack_columns
+from .store import ResultsStore, db_path, pack_columns
 
 LOCK_NAME = ".lock"
 
@@ -60,7 +65,7 @@ def default_threads(workers: int) -> int:
 
 def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int = 1, data_dir: str | None = None,
               limit: int | None = None, threads: int | None = None, retry_failed: bool = True,
-              rerun_changed: bool = False, keep_models: bool = True,
+              rerun_changed: bool = False, keep_models: bool = True, tensorboard: str | bool | None = None,
               log: Callable[[str], None] | None = None) -> dict:
     """Run (or resume) every run of ``config`` not yet done; return the database's counts.
 
@@ -74,6 +79,8 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
             (otherwise that is an error).
         keep_models: keep each run's ``model.pt`` (its ``checkpoint.pt`` is always deleted
             once the run is recorded).
+        tensorboard: TensorBoard event files for every run: ``True`` in ``RUN_DIR/tensorboard``,
+            a folder for ``FOLDER/<run_id>``, ``None``: none.
     """
     log = log or (lambda msg: print(msg, flush=True))
     if workers < 1:
@@ -84,43 +91,47 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
     out.mkdir(parents=True, exist_ok=True)
     lock = _acquire_lock(out)
     try:
-        specs = config.runs()
         with ResultsStore(db_path(out), create=True) as store:
-            recovered = store.recover(retry_failed=retry_failed)  # first: runs left running are pending again
-            counts = store.register(specs, on_changed="rerun" if rerun_changed else "error")
-            store.set_meta("config", config.to_dict())
-            history = store.get_meta("invocations", [])
-            history.append({"at": time.time(), "argv": sys.argv, "workers": workers, "limit": limit, "pid": os.getpid()})
-            store.set_meta("invocations", history)
-            (out / "sweep.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
-            run_ids = [s.run_id for s in specs]
-            id_set = set(run_ids)
-            done = sum(1 for r in store.rows("done") if r["run_id"] in id_set)
-            log(f"sweep {config.name}: {len(specs)} runs ({done} done, {counts['new']} new"
-                + (f", {recovered['interrupted']} interrupted to resume" if recovered["interrupted"] else "")
-                + (f", {recovered['failed_retried']} failed to retry" if recovered["failed_retried"] else "")
-                + f") -> {out}; {workers} worker(s)")
+            prep = prepare_sweep(store, config, out, retry_failed=retry_failed, rerun_changed=rerun_changed,
+                                 invocation={"workers": workers, "limit": limit})
+        specs, run_ids, id_set = prep["specs"], prep["run_ids"], set(prep["run_ids"])
+        log(describe_start(config, out, prep) + f"; {workers} worker(s)")
         threads = threads or default_threads(workers)
+        bar = None
+        from ..progress import RunsProgress
         if workers == 1:
             budget = _Budget(limit)
-            worker_loop(str(out), "w0", run_ids, data_dir, threads, keep_models, budget, len(specs), watch_parent=False)
+            bar = RunsProgress(len(specs), prep["done"], desc=f"sweep {config.name}")
+            try:
+                worker_loop(str(out), "w0", run_ids, data_dir, threads, keep_models, budget, len(specs),
+                            watch_parent=False, tensorboard=tensorboard, bar=bar)
+            finally:
+                bar.close()
         else:
             import multiprocessing as mp
             ctx = mp.get_context("spawn")
             budget = _Budget(limit, ctx.Value("i", -1 if limit is None else limit))
             procs = [ctx.Process(target=worker_loop, name=f"metacorrect-sweep-w{i}",
                                  args=(str(out), f"w{i}", run_ids, data_dir, threads, keep_models, budget,
-                                       len(specs)), kwargs={"watch_parent": True})
+                                       len(specs)), kwargs={"watch_parent": True, "tensorboard": tensorboard})
                      for i in range(workers)]
             for p in procs:
                 p.start()
+            bar = RunsProgress(len(specs), prep["done"], desc=f"sweep {config.name}")
             try:
-                for p in procs:
-                    p.join()
+                while True:  # join, drawing the parent's bar (on a terminal) as runs finish
+                    alive = [p for p in procs if p.is_alive()]
+                    if not alive:
+                        break
+                    alive[0].join(timeout=1.0)
+                    if bar.enabled:
+                        bar.update_to(finished_count(out, id_set))
             except KeyboardInterrupt:
                 for p in procs:
                     p.join(timeout=30)
                 raise
+            finally:
+                bar.close()
             bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
             if bad:
                 log(f"warning: {len(bad)} worker process(es) exited abnormally (exit codes {bad}); "
@@ -135,6 +146,53 @@ def run_sweep(config: SweepConfig, out_dir: str | os.PathLike, *, workers: int =
         return result
     finally:
         lock.close()
+
+
+def prepare_sweep(store: ResultsStore, config: SweepConfig, out: Path, *, retry_failed: bool = True,
+                  rerun_changed: bool = False, invocation: dict | None = None) -> dict:
+    """What every sweep call does first, whatever its launcher (the folder lock held):
+    merge the result files of runs that finished since the last call (:mod:`.collect`),
+    put runs left running by a killed sweep back to pending (and failed runs, when
+    ``retry_failed``: their failed result files are set aside), register the grid, merge
+    again (a rebuilt database finds the results already in the run folders), and record the
+    configuration and this call. Returns the specs, run ids, counts and what was merged."""
+    merged = merge_results(out, store=store)
+    retried = [r["run_dir"] for r in store.rows("failed")] if retry_failed else []
+    recovered = store.recover(retry_failed=retry_failed)  # runs left running are pending again
+    for run_dir in retried:
+        retire_failed_result(out / (run_dir or ""))
+    specs = config.runs()
+    counts = store.register(specs, on_changed="rerun" if rerun_changed else "error")
+    late = merge_results(out, store=store)
+    store.set_meta("config", config.to_dict())
+    history = store.get_meta("invocations", [])
+    history.append({"at": time.time(), "argv": sys.argv, **(invocation or {}), "pid": os.getpid()})
+    store.set_meta("invocations", history)
+    (out / "sweep.json").write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+    run_ids = [s.run_id for s in specs]
+    id_set = set(run_ids)
+    done = sum(1 for r in store.rows("done") if r["run_id"] in id_set)
+    return {"specs": specs, "run_ids": run_ids, "counts": counts, "recovered": recovered, "done": done,
+            "merged": merged["done"] + merged["failed"] + late["done"] + late["failed"]}
+
+
+def describe_start(config: SweepConfig, out: Path, prep: dict) -> str:
+    counts, recovered = prep["counts"], prep["recovered"]
+    return (f"sweep {config.name}: {len(prep['specs'])} runs ({prep['done']} done, {counts['new']} new"
+            + (f", {prep['merged']} merged from result files" if prep["merged"] else "")
+            + (f", {recovered['interrupted']} interrupted to resume" if recovered["interrupted"] else "")
+            + (f", {recovered['failed_retried']} failed to retry" if recovered["failed_retried"] else "")
+            + f") -> {out}")
+
+
+def finished_count(out: Path, id_set: set) -> int:
+    """Runs of ``id_set`` done or failed in the database (for progress bars)."""
+    try:
+        with ResultsStore(db_path(out), timeout=5.0) as store:
+            status = dict(store.con.execute("SELECT run_id, status FROM runs").fetchall())
+    except Exception:  # noqa: BLE001 - busy or being rewritten: the next poll will do
+        return 0
+    return sum(1 for i in id_set if status.get(i) in ("done", "failed"))
 
 
 class _Budget:
@@ -176,9 +234,12 @@ def _watch_parent() -> None:
 
 
 def worker_loop(sweep_dir: str, worker: str, run_ids: list[str], data_dir: str | None, threads: int,
-                keep_models: bool, budget: _Budget, total: int, *, watch_parent: bool = False) -> None:
-    """Claim and execute runs until none is left (or the budget is spent)."""
+                keep_models: bool, budget: _Budget, total: int, *, watch_parent: bool = False,
+                tensorboard: str | bool | None = None, bar=None) -> None:
+    """Claim and execute runs until none is left (or the budget is spent). ``bar``: a
+    :class:`metacorrect.progress.RunsProgress` of this process (one worker)."""
     import torch
+    from ..progress import line
     if watch_parent:
         _watch_parent()
     torch.set_num_threads(max(1, int(threads)))
@@ -192,7 +253,7 @@ def worker_loop(sweep_dir: str, worker: str, run_ids: list[str], data_dir: str |
             row = store.claim(worker, run_ids)
             if row is None:
                 break
-            elapsed = execute_run(store, out, dict(row), worker, data_dir, cache, keep_models)
+            elapsed = execute_run(store, out, dict(row), worker, data_dir, cache, keep_models, tensorboard)
             n_run += 1
             status = dict(store.con.execute("SELECT run_id, status FROM runs").fetchall())
             done_here = sum(1 for i in id_set if status.get(i) == "done")
@@ -208,9 +269,13 @@ def worker_loop(sweep_dir: str, worker: str, run_ids: list[str], data_dir: str |
             else:
                 last = (r["error"] or "").strip().splitlines()
                 what = f"FAILED: {last[-1] if last else '?'}"
-            print(f"[{done_here + failed}/{total}] {row['run_id']}: {what} ({elapsed:.1f}s"
-                  + (f"; about {_duration(rate * left)} left at this worker's pace" if left > 0 else "") + ")",
-                  flush=True)
+            text = (f"[{done_here + failed}/{total}] {row['run_id']}: {what} ({elapsed:.1f}s"
+                    + (f"; about {_duration(rate * left)} left at this worker's pace" if left > 0 else "") + ")")
+            if bar is not None:
+                bar.write(text)
+                bar.update_to(done_here + failed)
+            else:
+                line(text)
         store.checkpoint()
 
 
@@ -233,8 +298,10 @@ def _load(config, cache: dict):
 
 
 def execute_run(store: ResultsStore, out: Path, row: dict, worker: str, data_dir: str | None, cache: dict,
-                keep_models: bool = True) -> float:
-    """Run one claimed run to its end and commit its row; returns the seconds it took here."""
+                keep_models: bool = True, tensorboard: str | bool | None = None) -> float:
+    """Run one claimed run to its end, write its result file and commit its row; returns the
+    seconds it took here."""
+    from ..tensorboard_logger import resolve_dir
     from ..train import CheckpointError
     from .run import RunConfig, run_experiment
     run_id, claim = row["run_id"], row["claim"]
@@ -253,14 +320,21 @@ def execute_run(store: ResultsStore, out: Path, row: dict, worker: str, data_dir
             epochs[0] += 1
             store.heartbeat(run_id, claim, epochs[0])
 
+        board = resolve_dir(tensorboard, run_dir, run_id)
         try:
-            summary = run_experiment(config, run_dir, resume=True, on_epoch=on_epoch, dataset=dataset)
+            summary = run_experiment(config, run_dir, resume=True, on_epoch=on_epoch, dataset=dataset,
+                                     tensorboard=board)
         except CheckpointError as exc:
             store.event(run_id, "restart", worker, f"checkpoint unusable, starting over: {exc}")
-            summary = run_experiment(config, run_dir, resume=False, on_epoch=on_epoch, dataset=dataset)
-        fields = collect_results(run_dir, summary)
+            summary = run_experiment(config, run_dir, resume=False, on_epoch=on_epoch, dataset=dataset,
+                                     tensorboard=board)
+        fields = run_fields(run_dir, summary)
         fields["run_wall_s"] = time.perf_counter() - t0
-        ok = store.finish(run_id, claim, fields, worker)
+        # the file first: a run counts as finished once it exists (a kill before the database
+        # commit loses nothing: the next sweep merges it)
+        write_result(run_dir, run_id=run_id, fingerprint=row["fingerprint"], status="done", fields=fields,
+                     worker=worker, attempts=row["attempts"])
+        ok = store.finish(run_id, claim, pack_columns(fields), worker)
         store.checkpoint(passive=True)  # keep the database file itself complete (it may be copied or committed)
         if ok:
             (run_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -279,54 +353,12 @@ def execute_run(store: ResultsStore, out: Path, row: dict, worker: str, data_dir
 
 
 def collect_results(run_dir: Path, summary: dict) -> dict:
-    """The database fields of a finished run folder."""
-    cfg = json.loads((run_dir / "config.json").read_text())
-    epochs = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    T_hat = np.load(run_dir / "T.npy").tolist() if (run_dir / "T.npy").exists() else None
-    T_true = None
-    labels = run_dir / "labels.npz"
-    if labels.exists():
-        with np.load(labels) as z:
-            if "T_true" in z.files:
-                T_true = z["T_true"].tolist()
-    acc = summary.get("final_test_acc")
-    resolved = dict(cfg.get("config", {}))
-    resolved.pop("data_dir", None)
-    resolved["problem"] = cfg.get("problem")
-    resolved["seeds"] = cfg.get("seeds")
-    resolved["device"] = cfg.get("device")
-    versions = dict(cfg.get("versions", {}))
-    versions.setdefault("git", _git_revision())
-    return pack_columns({"resolved_json": resolved, "epochs_json": epochs, "epochs_done": len(epochs),
-                         "final_json": summary, "test_acc": acc, "test_error": None if acc is None else 1.0 - acc,
-                         "t_error": summary.get("t_error"), "T_hat_json": T_hat, "T_true_json": T_true,
-                         "versions_json": compact_json(versions), "wall_s": summary.get("wall_s")})
+    """The database fields of a finished run folder (packed as the database stores them)."""
+    return pack_columns(run_fields(run_dir, summary))
 
 
-_GIT: list = []
+_git_revision = git_revision  # the name older code imports
 
 
-def _git_revision() -> str | None:
-    """The metacorrect source's git commit (and '+dirty'), when it runs from a checkout."""
-    if not _GIT:
-        import subprocess
-        here = Path(__file__).resolve().parent
-        try:
-            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                 timeout=5)
-            value = rev.stdout.strip() or None
-            if value:
-                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)],
-                                       cwd=here, capture_output=True, text=True, timeout=5)
-                if dirty.stdout.strip():
-                    value += "+dirty"
-        except (OSError, subprocess.SubprocessError):
-            value = None
-        _GIT.append(value)
-    return _GIT[0]
-
-
-__all__ = ["SweepLockedError", "collect_results", "default_threads", "execute_run", "run_sweep", "worker_loop"]
+__all__ = ["SweepLockedError", "collect_results", "default_threads", "describe_start", "execute_run",
+           "finished_count", "prepare_sweep", "run_sweep", "worker_loop"]

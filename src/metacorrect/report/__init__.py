@@ -280,8 +280,18 @@ def build_document(results: SweepResults, figures: list[dict]) -> list:
     return blocks
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, figures: bool = True) -> dict:
-    """Write the report of a sweep folder; returns the paths written."""
+def write_report(sweep_dir: str | Path, out: str | Path | None = None, *, figures: bool = True,
+                 collect: bool = True) -> dict:
+    """Write the report of a sweep folder; returns the paths written. With ``collect``, the
+    result files of runs that finished since the last merge (cluster jobs) are merged into
+    the database first (:func:`metacorrect.experiments.collect.merge_results`; skipped where
+    the folder is read-only)."""
+    if collect:
+        from ..experiments.collect import merge_results
+        try:
+            merge_results(sweep_dir)
+        except OSError:  # a read-only copy of a sweep folder: report what the database holds
+            pass
     results = load_results(sweep_dir)
     folder = Path(out) if out is not None else Path(sweep_dir) / "report"
     figs = []
