@@ -135,3 +135,21 @@ def check_finite_array(value, name: str) -> np.ndarray:
 def check_same_length(a, b, name_a: str, name_b: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+
+
+def check_probability_vector(value, name: str, num_classes: int | None = None,
+                             tolerance: float = ROW_SUM_TOLERANCE) -> np.ndarray:
+    """Check a length-C probability vector (finite, >= 0, sums to 1) and return it as float64."""
+    arr = as_numpy(value, name)
+    if arr.ndim != 1 or (num_classes is not None and arr.shape[0] != num_classes):
+        want = f"length {num_classes}" if num_classes is not None else "1-D"
+        raise ValueError(f"{name} must be a {want} probability vector (one entry per class), got shape "
+                         f"{tuple(arr.shape)}")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{name} must hold finite probabilities >= 0, got {arr.tolist()}")
+    if abs(arr.sum() - 1) > tolerance:
+        raise ValueError(f"{name} must sum to 1, sums to {arr.sum():.6g}")
+    return arr

@@ -18,6 +18,15 @@ Layouts:
   image's size) and kept as uint8 ``N×3×H×W``; the transforms scale them to [0, 1].
 
 Bad input raises ``ValueError`` naming the problem; a trusted set lacking a class only warns.
+
+Where each training example came from is kept in ``dataset.extra`` (for
+``metacorrect errors``, which reports suspected label errors by the user's own row):
+``extra["source_rows"][k]`` is, for training example ``k`` (a row of ``x_train``), its row in
+the user's data — the row of ``x_noisy`` or ``x_trusted`` (``.npz``), the data row of the file
+(``.csv``: 0 = the first data row after the header, blank lines skipped, as
+``pandas.read_csv`` numbers them), or its position among the files of its sub-folder in the
+loader's order (image folders: class folders sorted, then file names sorted);
+``extra["source_paths"][k]`` is the image file's absolute path (image folders only).
 """
 
 from __future__ import annotations
@@ -94,8 +103,11 @@ def _features(arr, what: str, source: Path) -> np.ndarray:
 
 
 def _build(name: str, source: Path, parts: dict, num_classes: int | None, class_names: list[str] | None,
-           T_true, kind: str, **fields) -> Dataset:
-    """``parts`` maps 'noisy', 'trusted', 'test' to ``(x, y)`` (test may be absent)."""
+           T_true, kind: str, source_rows: dict | None = None, source_paths: dict | None = None,
+           **fields) -> Dataset:
+    """``parts`` maps 'noisy', 'trusted', 'test' to ``(x, y)`` (test may be absent);
+    ``source_rows`` / ``source_paths`` map 'noisy' and 'trusted' to each example's row / file
+    in the user's data (default: the row within its part)."""
     xn, yn = parts["noisy"]
     xt, yt = parts["trusted"]
     if len(yt) == 0:
@@ -127,6 +139,11 @@ def _build(name: str, source: Path, parts: dict, num_classes: int | None, class_
         warnings.warn(f"{source}: the trusted set has no example of class(es) "
                       f"{', '.join(names[c] for c in missing)}; T cannot be estimated well for them", stacklevel=3)
     test = parts.get("test")
+    rows = source_rows or {part: np.arange(len(parts[part][1])) for part in ("noisy", "trusted")}
+    extra = {"source_rows": np.concatenate([np.asarray(rows["noisy"], np.int64),
+                                            np.asarray(rows["trusted"], np.int64)])}
+    if source_paths is not None:
+        extra["source_paths"] = list(source_paths["noisy"]) + list(source_paths["trusted"])
     return Dataset(
         name=name, x_train=torch.from_numpy(np.concatenate([xn, xt])), y_train=np.concatenate([yn, yt]),
         x_test=None if test is None else torch.from_numpy(test[0]), y_test=None if test is None else test[1],
@@ -134,7 +151,7 @@ def _build(name: str, source: Path, parts: dict, num_classes: int | None, class_
         description=(f"user data from {source.name} ({kind}): {len(yn):,} noisy + {len(yt):,} trusted train"
                      + ("" if test is None else f" / {len(test[1]):,} test") + f", {C} classes"),
         trusted_mask=np.r_[np.zeros(len(yn), bool), np.ones(len(yt), bool)], T_true=T_true,
-        clean_labels_known=False, licence="user data", **fields)
+        clean_labels_known=False, licence="user data", extra=extra, **fields)
 
 
 # ----------------------------------------------------------------------------- .npz
@@ -217,7 +234,9 @@ def _from_csv(path: Path, name: str, num_classes: int | None, label_column: str)
     parts = {"noisy": (x[noisy_m], y[noisy_m]), "trusted": (x[trusted_m], y[trusted_m])}
     if test.any():
         parts["test"] = (x[test], y[test])
-    return _build(name, path, parts, num_classes, class_names, None, "csv")
+    data_row = np.arange(len(labels))  # 0 = the first data row after the header (blank lines skipped)
+    return _build(name, path, parts, num_classes, class_names, None, "csv",
+                  source_rows={"noisy": data_row[noisy_m], "trusted": data_row[trusted_m]})
 
 
 def _csv_labels(labels: list[str], path: Path) -> tuple[np.ndarray, list[str] | None]:
@@ -283,14 +302,15 @@ def _from_image_folders(root: Path, name: str, image_size) -> Dataset:
         except Exception as exc:  # PIL raises many types for bad data
             raise ValueError(f"{path}: cannot read image ({exc})") from None
 
-    parts = {}
+    parts, paths = {}, {}
     for split, part in (("train", "noisy"), ("trusted", "trusted"), ("test", "test")):
         if split not in files:
             continue
-        items = [(read(f), c) for c, cls in enumerate(class_names) for f in files[split].get(cls, [])]
-        x = np.stack([it[0] for it in items]) if items else np.zeros((0, 3, height, width), np.uint8)
-        parts[part] = (x, np.asarray([it[1] for it in items], dtype=np.int64))
+        listed = [(f, c) for c, cls in enumerate(class_names) for f in files[split].get(cls, [])]
+        x = np.stack([read(f) for f, _ in listed]) if listed else np.zeros((0, 3, height, width), np.uint8)
+        parts[part] = (x, np.asarray([c for _, c in listed], dtype=np.int64))
+        paths[part] = [str(f.resolve()) for f, _ in listed]
     from .cifar import ImageTransform
     to_unit = ImageTransform(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return _build(name, root, parts, None, class_names, None, f"image folders, {height}×{width} RGB",
-                  train_transform=to_unit, test_transform=to_unit)
+                  source_paths=paths, train_transform=to_unit, test_transform=to_unit)
