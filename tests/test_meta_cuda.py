@@ -52,3 +52,24 @@ def test_recorded_batch_norm_statistics_are_the_batch_mean_and_inverse_std_on_cu
     var = x.var(dim=(0, 2, 3), unbiased=False)
     assert torch.allclose(mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert torch.allclose(invstd, (var + bn.eps).rsqrt(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", list(CASES))
+def test_meta_gradient_under_autocast_on_cuda_matches_float32(kind, route, amp):
+    """Autocast rounds each matrix product's inputs once (bf16: 2⁻⁸, fp16: 2⁻¹¹ unit
+    roundoff) and accumulates in float32: a few roundoffs of relative error; 5e-2 allowed."""
+    from metacorrect.perf import autocast_forward
+    model, (xn, yn), (xc, yc) = case_inputs(kind, seed=0)
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    xn, xc, yn, yc = xn.to(dev).float(), xc.to(dev).float(), yn.to(dev), yc.to(dev)
+    T = random_T(seed=1).to(dev).float()
+    exact = MetaGradient(model, 0.1, mode="fast", jvp=route)(forward_corrected_loss, (T,), xn, yn, xc, yc)
+    restore = autocast_forward(model, amp, dev)
+    try:
+        low = MetaGradient(model, 0.1, mode="fast", jvp=route)(forward_corrected_loss, (T,), xn, yn, xc, yc)
+    finally:
+        restore()
+    assert rel(low.hypergrads[0], exact.hypergrads[0]) < 5e-2

@@ -82,12 +82,23 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduler", default=d.scheduler, choices=["none", "cosine"])
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--trusted-batch-size", type=int, default=None, help="default: the batch size")
+    g.add_argument("--init-weights", default=None, metavar="PATH",
+                   help="initial weights: a torchvision-format state dict (e.g. ImageNet-pretrained resnet50); "
+                        "checked against the model, its output layer replaced when the classes differ")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="mixed precision for training (bf16 on CPU or GPU; fp16 on GPU, with a gradient scaler)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (convolutional models)")
+    g.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader worker processes decoding a streamed image dataset (clothing1m-stream)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs per training phase")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest for small models "
                         "and on a busy machine)")
+    g.add_argument("--keep-train-probs", type=int, default=d.keep_train_probs, metavar="N",
+                   help="save train_probs.npy: the softmax over the noisy training examples averaged over the last "
+                        "N epochs (for `metacorrect errors --probs averaged`; training is unchanged). Default 0: off")
 
 
 def _config_from_args(args):
@@ -99,7 +110,9 @@ def _config_from_args(args):
                      fused_optimizer=args.fused_optimizer,
                      scheduler=args.scheduler, batch_size=args.batch_size,
                      trusted_batch_size=args.trusted_batch_size, epochs=args.epochs, seed=args.seed,
-                     device=args.device)
+                     init_weights=args.init_weights, loader_workers=args.loader_workers,
+                     amp=args.amp, channels_last=args.channels_last,
+                     device=args.device, keep_train_probs=args.keep_train_probs)
 
 
 def cmd_train(args) -> int:
@@ -111,12 +124,32 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{Path(str(config.dataset)).stem}-{config.method}-{config.noise}{config.strength:g}"
                f"-t{config.trusted:g}-s{config.seed}")
-    print(f"metacorrect {__version__}: {config.method} on {config.dataset} ({config.noise} s={config.strength:g}, "
-          f"trusted {config.trusted:g}, seed {config.seed}) -> {out}", flush=True)
-    summary = run_experiment(config, out, resume=args.resume, progress=ProgressBar(),
-                             on_epoch=lambda m: print(epoch_line(m), flush=True))
-    print(_summary_text(summary, out))
+    from . import distributed
+    import dataclasses
+    config = dataclasses.replace(config, device=distributed.local_device(config.device))
+    world = distributed.from_environment(resolve_device_name(config.device))
+    try:
+        if world.is_main:
+            print(f"metacorrect {__version__}: {config.method} on {config.dataset} ({config.noise} "
+                  f"s={config.strength:g}, trusted {config.trusted:g}, seed {config.seed})"
+                  f"{f', {world.size} processes' if world.active else ''} -> {out}", flush=True)
+        board = None
+        if args.tensorboard is not None:
+            from .tensorboard_logger import require_tensorboard, resolve_dir
+            require_tensorboard()
+            board = resolve_dir(args.tensorboard, out)
+        summary = run_experiment(config, out, resume=args.resume, progress=ProgressBar(), tensorboard=board,
+                                 on_epoch=lambda m: print(epoch_line(m), flush=True), world=world)
+        if world.is_main:
+            print(_summary_text(summary, out))
+    finally:
+        distributed.shutdown(world)
     return 0
+
+
+def resolve_device_name(device: str):
+    from .train import resolve_device
+    return resolve_device(device)
 
 
 def _summary_text(summary: dict, out: Path) -> str:
@@ -233,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<method>-<noise>...)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+                   help="write TensorBoard event files (loss per step, the epoch metrics, T as an image) to DIR "
+                        "(default RUN_DIR/tensorboard; pip install 'metacorrect[tensorboard]')")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="apply a trained run's model; write classes and probabilities to CSV")
@@ -248,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--verify", action="store_true", help="also check SHA-256 checksums (slow for big files)")
     p.set_defaults(func=cmd_data)
+
+    from .errors.cli import add_command as add_errors_command
+    add_errors_command(sub)
 
     try:
         import importlib

@@ -127,3 +127,32 @@ def flush_denormals() -> bool:
         return False
     import torch
     return bool(torch.set_flush_denormal(True))
+
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def autocast_forward(model, amp: str, device):
+    """Run ``model``'s forward under ``torch.autocast`` (``amp``: ``'bf16'`` or ``'fp16'``),
+    its outputs cast back to float32 so that losses are computed in full precision; the
+    state dict and the parameters stay the model's own. Returns a function that undoes it.
+    ``'none'`` changes nothing."""
+    import torch
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    if amp == "none":
+        return lambda: None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast(device.type, dtype=dtype):
+            out = inner(*args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    model.forward = forward
+
+    def restore():
+        if model.__dict__.get("forward") is forward:
+            del model.forward
+    return restore

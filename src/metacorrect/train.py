@@ -115,6 +115,8 @@ class TrainContext:
     step_in_phase: int = 0
     epoch_in_phase: int = 0
     world: World = SINGLE
+    scaler: Any = None  # torch.amp.GradScaler with amp='fp16'
+    channels_last: bool = False
     # this step's (local, global) batch sizes per stream, and the stream of a single-stream step
     counts: dict = field(default_factory=dict)
     primary_stream: str = "noisy"
@@ -133,15 +135,20 @@ class TrainContext:
         of its global batch and the gradients are summed over the ranks, which makes the step
         the one process would take on the union of the ranks' batches."""
         self.optimizer.zero_grad(set_to_none=True)
+        scale = (lambda t: t) if self.scaler is None else self.scaler.scale
         if not self.world.active:
-            (loss if trusted_loss is None else loss + trusted_loss).backward()
+            scale(loss if trusted_loss is None else loss + trusted_loss).backward()
         else:
             terms = [(loss, self.primary_stream)] + ([] if trusted_loss is None else [(trusted_loss, "trusted")])
             weighted = [t * self.share(s) for t, s in terms if self.share(s) > 0]  # an empty slice adds nothing
             if weighted:
-                sum(weighted).backward()
+                scale(sum(weighted)).backward()
             self.sync_gradients()
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # fp16: skips the step when a gradient overflowed (the same on every rank: summed first)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
 
@@ -175,7 +182,11 @@ class TrainContext:
             yield self.to_device(x), y.to(self.device, non_blocking=True)
 
     def to_device(self, x):
-        return x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        if not isinstance(x, torch.Tensor):
+            return x
+        if self.channels_last and x.ndim == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def predict_proba(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +317,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         callbacks: Sequence[Callable[[dict], None]] = (), progress: Callable[[int, int, str], None] | None = None,
         checkpoint_path: str | os.PathLike | None = None, resume: bool = False, fingerprint: str | None = None,
         seed: int = 0, world: World = SINGLE, on_step: Callable[[int, float], None] | None = None,
-        **method_options) -> FitResult:
+        amp: str = "none", channels_last: bool = False, **method_options) -> FitResult:
     """Train ``model`` with a noisy-label method and return the model, the learned/estimated
     T (``T[i, j] = P(noisy=j | true=i)``) and the per-epoch metric history.
 
@@ -335,6 +346,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             every rank; rank 0 alone calls ``callbacks`` and ``progress`` and writes the
             checkpoint, which holds every rank's RNG state. Resuming needs the same number of
             processes.
+        amp: mixed precision for the training forward passes (evaluation stays float32):
+            ``'bf16'`` (CPU and CUDA) or ``'fp16'`` (with a gradient scaler for the optimizer
+            steps; the meta step's own gradients are not loss-scaled, so prefer bf16);
+            ``'none'`` (default). The meta-gradient runs under the same autocast (tested
+            against float32 to bf16's precision).
+        channels_last: the channels-last memory format for a convolutional model and its
+            4-D inputs.
 
     On CPU, ``fit`` turns on torch's flush-to-zero mode for subnormal floats for the
     process (:func:`metacorrect.perf.flush_denormals`; opt out with
@@ -363,11 +381,15 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     if device.type == "cpu":
         perf.flush_denormals()  # optimizer states decaying into subnormals slow CPU steps ~20x
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
     world.broadcast_module(model)  # every replica starts from rank 0's weights
+    restore_forward = perf.autocast_forward(model, amp, device)
     ctx = TrainContext(model=model, optimizer=optimizer, device=device, num_classes=int(num_classes),
                        noisy_loader=noisy_loader, trusted_loader=trusted_loader, scheduler_factory=scheduler,
-                       T_true=T_true, epochs=epochs, world=world)
+                       T_true=T_true, epochs=epochs, world=world, channels_last=channels_last,
+                       scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None)
     ctx._initial_model = copy.deepcopy(model.state_dict())
     ctx._initial_optimizer = copy.deepcopy(optimizer.state_dict())
     interleave_gen = torch.Generator().manual_seed(seed + 7919)
@@ -488,6 +510,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     "history": history, "global_step": global_step,
                     "elapsed": elapsed_before + time.perf_counter() - start})
         first_epoch = 0
+    restore_forward()
     T_final = method.estimated_T()
     return FitResult(model=model, T=None if T_final is None else _as_stochastic(T_final), history=history,
                      method=method, wall_s=elapsed_before + time.perf_counter() - start)

@@ -97,6 +97,9 @@ def decode_images(folder: Path, keys: list[str], size: int, progress: Progress |
     if todo.size:
         Image = require_pillow()
         log.info("decoding %d Clothing1M images to %d×%d", todo.size, size, size)
+        if progress is None:  # a tqdm bar on a terminal, silent otherwise
+            from ..progress import CountProgress
+            progress = CountProgress("decoding Clothing1M images")
         try:
             for n, i in enumerate(todo, 1):
                 path = folder / keys[i]
@@ -160,6 +163,52 @@ def load_clothing1m(data_dir=None, image_size: int = 32, max_noisy: int | None =
         licence="Clothing1M: for non-commercial research, by agreement with its authors")
 
 
+def load_clothing1m_stream(data_dir=None, max_noisy: int | None = None) -> Dataset:
+    """Clothing1M streamed from its JPEG folders (:mod:`metacorrect.data.streaming`): the same
+    examples, labels and order as :func:`load_clothing1m`, each image decoded per epoch at
+    full size and augmented by the usual recipe (resize 256, random 224 crop and flip,
+    ImageNet normalisation; centre crop for evaluation)."""
+    from .streaming import FilesBatchTransform, ImageFiles, ImageNetTransform
+    folder = resolve_data_dir(data_dir) / "clothing1m"
+    ann = folder / "annotations"
+    paths = {name: require_file(ann / name, SOURCE) for name in ANNOTATIONS}
+    noisy_kv = read_kv(paths["noisy_label_kv.txt"])
+    clean_kv = read_kv(paths["clean_label_kv.txt"])
+    trusted_keys = read_keys(paths["clean_train_key_list.txt"])
+    trusted_set = set(trusted_keys)
+    noisy_keys = [k for k in read_keys(paths["noisy_train_key_list.txt"]) if k not in trusted_set]
+    if max_noisy is not None:
+        noisy_keys = noisy_keys[:int(max_noisy)]
+    test_keys = read_keys(paths["clean_test_key_list.txt"])
+    if not trusted_keys:
+        raise ValueError(f"{paths['clean_train_key_list.txt']}: no clean training keys (the trusted set)")
+    y_noisy = _labels_for(noisy_keys, noisy_kv, paths["noisy_label_kv.txt"], paths["noisy_train_key_list.txt"])
+    y_trusted = _labels_for(trusted_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_train_key_list.txt"])
+    y_test = _labels_for(test_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_test_key_list.txt"])
+    noisy_of_trusted = np.array([noisy_kv.get(k, c) for k, c in zip(trusted_keys, y_trusted)], dtype=np.int64)
+    missing = [k for k in noisy_keys + trusted_keys + test_keys if not (folder / k).is_file()]
+    if missing:
+        raise MissingDataError(f"{len(missing)} image file(s) the annotation lists name are missing under {folder}, "
+                               f"e.g. {missing[0]!r}. They come from {SOURCE}.")
+    train_t, eval_t = ImageNetTransform(train=True), ImageNetTransform(train=False)
+    return Dataset(
+        name="clothing1m-stream", x_train=ImageFiles(folder, noisy_keys + trusted_keys),
+        y_train=np.concatenate([y_noisy, y_trusted]), x_test=ImageFiles(folder, test_keys), y_test=y_test,
+        num_classes=len(CLASSES), class_names=list(CLASSES),
+        description=(f"Clothing1M, {len(noisy_keys):,} noisy + {len(trusted_keys):,} trusted train / "
+                     f"{len(test_keys):,} test, streamed from the JPEG files (224×224 crops)"),
+        noisy_label_sets={"noisy": np.concatenate([y_noisy, noisy_of_trusted])},
+        trusted_mask=np.r_[np.zeros(len(noisy_keys), bool), np.ones(len(trusted_keys), bool)],
+        clean_labels_known=False, train_transform=FilesBatchTransform(train_t),
+        test_transform=FilesBatchTransform(eval_t),
+        licence="Clothing1M: for non-commercial research, by agreement with its authors",
+        extra={"streamed": (train_t, eval_t), "default_model": "resnet50"})
+
+
+register(DatasetInfo(name="clothing1m-stream", loader=load_clothing1m_stream,
+                     description="Clothing1M streamed from its JPEG folders at 224×224 (ResNet-50 recipe)",
+                     folder="clothing1m", files=tuple(f"annotations/{a}" for a in ANNOTATIONS),
+                     source=SOURCE, licence="non-commercial research use, by agreement with the authors"))
 register(DatasetInfo(name="clothing1m", loader=load_clothing1m,
                      description="Clothing1M, 14 clothing classes with real noisy web labels (held in memory)",
                      folder="clothing1m", files=tuple(f"annotations/{a}" for a in ANNOTATIONS),

@@ -13,7 +13,10 @@ A run folder holds:
   beside the true one when known;
 * ``checkpoint.pt`` — model, optimizer, scheduler, method state and RNG states, after
   every epoch (``resume=True`` continues from it); ``model.pt`` — the final model for
-  ``metacorrect predict``.
+  ``metacorrect predict``;
+* ``train_probs.npy`` — with ``keep_train_probs=N``, the network's softmax over the noisy
+  training examples (rows in ``labels.npz["noisy_idx"]`` order) averaged over the last N
+  epochs (:mod:`metacorrect.experiments.train_probs`; used by ``metacorrect errors``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..data import Dataset, load_dataset, make_problem
 from ..methods import create_method
 from ..models import create_model
 from ..noise import format_matrix
+from ..distributed import SINGLE, World
 from ..train import TensorBatchLoader, fit, resolve_device
 
 OPTIMIZERS = ("adam", "sgd")
@@ -73,6 +77,17 @@ class RunConfig:
     epochs: int = 10
     seed: int = 0
     device: str = "auto"
+    # save train_probs.npy: the softmax over the noisy training examples averaged over the last
+    # N epochs of the final phase (0: off). An observer only: training is the same with it on
+    keep_train_probs: int = 0
+    # streamed image datasets (clothing1m-stream): DataLoader worker processes decoding images
+    loader_workers: int = 0
+    # initial weights from a torchvision-format state dict (e.g. ImageNet-pretrained ResNet-50)
+    init_weights: str | None = None
+    # mixed precision for the training forward passes ("bf16", "fp16"; "none") and the
+    # channels-last memory format for convolutional models
+    amp: str = "none"
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -85,6 +100,15 @@ class RunConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        from ..perf import AMP_MODES
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if isinstance(self.loader_workers, bool) or not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be an integer >= 0, got {self.loader_workers!r}")
+        if isinstance(self.keep_train_probs, bool) or not isinstance(self.keep_train_probs, int) \
+                or not 0 <= self.keep_train_probs <= self.epochs:
+            raise ValueError(f"keep_train_probs must be an integer number of final epochs in [0, epochs = "
+                             f"{self.epochs}], got {self.keep_train_probs!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -99,7 +123,8 @@ class RunConfig:
 
     # settings added after the first runs were recorded: they enter the fingerprint only when
     # set away from their default, so the checkpoints of those runs stay valid
-    ADDED_LATER = {"fused_optimizer": False}
+    ADDED_LATER = {"fused_optimizer": False, "keep_train_probs": 0, "loader_workers": 0, "init_weights": None,
+                   "amp": "none", "channels_last": False}
 
     def method_version(self) -> int:
         """The version of the method's algorithm these options resolve to
@@ -149,12 +174,39 @@ def _json_default(o):
     return str(o)
 
 
+_EVAL_BATCH = 1000
+
+
+def _loader_factory(config: RunConfig, dataset: Dataset, world: World):
+    """``loader(x, y, batch_size, seed=0, train=...)``: in-memory batches
+    (:class:`~metacorrect.train.TensorBatchLoader`), or for a streamed image dataset a
+    :class:`~metacorrect.data.streaming.StreamLoader` decoding with ``loader_workers``
+    processes. Training loaders are sharded over ``world``; evaluation loaders are not
+    (every rank evaluates the whole set)."""
+    streamed = dataset.extra.get("streamed")
+
+    def make(x, y, batch_size, seed=0, *, train: bool):
+        shard = world if train else SINGLE
+        if streamed:
+            from ..data.streaming import StreamLoader
+            return StreamLoader(x, y, batch_size if train else min(batch_size, 256), seed=seed, shuffle=train,
+                                transform=streamed[0] if train else streamed[1], workers=config.loader_workers,
+                                world=shard)
+        return TensorBatchLoader(x, y, batch_size, seed=seed, shuffle=train, world=shard,
+                                 transform=dataset.train_transform if train else dataset.test_transform)
+    return make
+
+
 def build_model(config: RunConfig, dataset: Dataset):
     name = config.model or dataset.extra.get("default_model") or DEFAULT_MODELS.get(dataset.name, "mlp")
     options = dict(config.model_options)
     if "vocab_size" in dataset.extra and name in ("word_avg", "window_mlp"):
         options.setdefault("vocab_size", dataset.extra["vocab_size"])
-    return name, options, create_model(name, dataset.input_shape, dataset.num_classes, **options)
+    model = create_model(name, dataset.input_shape, dataset.num_classes, **options)
+    if config.init_weights:
+        from ..models import load_init_weights
+        load_init_weights(model, config.init_weights)  # checked against the architecture
+    return name, options, model
 
 
 def build_optimizer(config: RunConfig, model):
@@ -177,29 +229,58 @@ def build_scheduler(config: RunConfig) -> Callable | None:
     return None
 
 
+def exclusion_fingerprint(fingerprint: str, exclude) -> str:
+    """The fingerprint of a run of a configuration with the training examples ``exclude``
+    left out (a K-fold cross-fitting run)."""
+    digest = hashlib.sha256(np.sort(np.asarray(exclude, dtype=np.int64)).tobytes()).hexdigest()
+    return hashlib.sha256(f"{fingerprint}|exclude:{digest}".encode()).hexdigest()[:16]
+
+
 def run_experiment(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                    progress: Callable | None = None, on_epoch: Callable[[dict], None] | None = None,
-                   dataset: Dataset | None = None) -> dict:
+                   dataset: Dataset | None = None, exclude=None, world: World = SINGLE,
+                   tensorboard: str | os.PathLike | None = None) -> dict:
     """Run one configuration, writing the run folder ``out_dir``; return the summary.
 
     With ``resume=True`` an interrupted run continues from its last checkpoint (the
     configuration must be the same); a finished run (``summary.json`` present) is
     returned as it is.
+
+    ``exclude``: indices of training examples (rows of ``dataset.x_train``, from the noisy or
+    the trusted part) left out of training — the split and the noisy labels of the rest stay
+    those of the full configuration (K-fold cross-fitting, :mod:`metacorrect.errors.crossfit`). The run's
+    fingerprint then covers the exclusion, and ``labels.npz`` lists the examples trained on
+    (``noisy_idx``) and those left out (``excluded_idx``).
+
+    Distributed (``world``, :mod:`metacorrect.distributed`; launched by ``torchrun``):
+    every rank builds the same problem and model and keeps its slice of each global batch
+    (``batch_size`` stays the global batch); rank 0 alone writes the run folder, and
+    ``summary.json`` records ``world_size``.
+
+    ``tensorboard``: a folder for TensorBoard event files of the run (per-step loss, the
+    epoch metrics, T as an image; :mod:`metacorrect.tensorboard_logger`), or ``None``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = world.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    fingerprint = config.fingerprint() if exclude is None else exclusion_fingerprint(config.fingerprint(), exclude)
     summary_path = out / "summary.json"
     if resume and summary_path.exists():
         done = json.loads(summary_path.read_text())
-        if done.get("fingerprint") == config.fingerprint():
+        if done.get("fingerprint") == fingerprint:
             return done
-    if not resume:
-        for stale in ("checkpoint.pt", "summary.json", "metrics.jsonl"):
+    if not resume and main:
+        for stale in ("checkpoint.pt", "summary.json", "metrics.jsonl", "train_probs.npy", "train_probs.partial.npz"):
             (out / stale).unlink(missing_ok=True)
 
     dataset = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir)
     problem = make_problem(dataset, config.noise, config.strength, config.trusted, config.seed,
                            validation=config.validation, label_set=config.label_set)
+    excluded = np.zeros(0, dtype=np.int64)
+    if exclude is not None:
+        problem, excluded = _exclude(problem, exclude)
     torch.manual_seed(config.seed)
     model_name, model_options, model = build_model(config, dataset)
     optimizer = build_optimizer(config, model)
@@ -209,29 +290,23 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike, *, resume: boo
              "trusted_loader": config.seed * 1000 + 2}
     x_n, y_n = problem.tensors("noisy")
     x_t, y_t = problem.tensors("trusted")
-    noisy_loader = TensorBatchLoader(x_n, y_n, config.batch_size, seed=seeds["noisy_loader"],
-                                     transform=dataset.train_transform)
-    trusted_loader = TensorBatchLoader(x_t, y_t, config.trusted_batch_size or config.batch_size,
-                                       seed=seeds["trusted_loader"], transform=dataset.train_transform)
+    loader = _loader_factory(config, dataset, world)
+    noisy_loader = loader(x_n, y_n, config.batch_size, seed=seeds["noisy_loader"], train=True)
+    trusted_loader = loader(x_t, y_t, config.trusted_batch_size or config.batch_size, seed=seeds["trusted_loader"],
+                            train=True)
     test_loader = None
     if dataset.x_test is not None:
-        test_loader = TensorBatchLoader(*problem.tensors("test"), 1000, shuffle=False,
-                                        transform=dataset.test_transform)
+        test_loader = loader(*problem.tensors("test"), _EVAL_BATCH, train=False)
     val_loader = None
     if len(problem.val_idx):
-        val_loader = TensorBatchLoader(*problem.tensors("val"), 1000, shuffle=False, transform=dataset.test_transform)
+        val_loader = loader(*problem.tensors("val"), _EVAL_BATCH, train=False)
 
     resolved = config.to_dict()
     resolved.update(model=model_name, model_options=model_options,
                     method_options={**method.options(), **config.method_options})
-    write_json(out / "config.json", {"config": resolved, "fingerprint": config.fingerprint(), "seeds": seeds,
-                                     "problem": problem.description, "versions": versions(),
-                                     "device": str(resolve_device(config.device)),
-                                     "num_classes": dataset.num_classes, "class_names": dataset.class_names,
-                                     "input_shape": list(dataset.input_shape)})
-    np.savez_compressed(out / "labels.npz", noisy_idx=problem.noisy_idx, y_noisy=problem.y_noisy,
-                        trusted_idx=problem.trusted_idx, val_idx=problem.val_idx,
-                        **({"T_true": problem.T_true} if problem.T_true is not None else {}))
+    if main:
+        _write_inputs(out, resolved, fingerprint, seeds, problem, dataset, config, exclude, excluded)
+    world.barrier()
 
     metrics_path = out / "metrics.jsonl"
 
@@ -241,23 +316,70 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike, *, resume: boo
         if on_epoch is not None:
             on_epoch(metrics)
 
-    result = fit(model, optimizer, noisy_loader, trusted_loader, method, epochs=config.epochs,
-                 num_classes=dataset.num_classes, test_loader=test_loader, val_loader=val_loader,
-                 T_true=problem.T_true, device=config.device, scheduler=build_scheduler(config),
-                 callbacks=[record], progress=progress, checkpoint_path=out / "checkpoint.pt",
-                 resume=resume, fingerprint=config.fingerprint(), seed=config.seed)
+    callbacks = [record]
+    keeper = None
+    if config.keep_train_probs:
+        if world.active:
+            raise ValueError("keep_train_probs is not available in distributed training yet")
+        from .train_probs import TrainProbsKeeper
+        keeper = TrainProbsKeeper(model, TensorBatchLoader(x_n, y_n, 1000, shuffle=False,
+                                                           transform=dataset.test_transform),
+                                  config.keep_train_probs, method.phases[-1].name, config.epochs, out,
+                                  resolve_device(config.device), fingerprint, resume)
+        callbacks.insert(0, keeper)
+    board = None
+    if tensorboard is not None and main:
+        from ..tensorboard_logger import TensorBoardLogger
+        board = TensorBoardLogger(tensorboard, problem.T_true)
+        callbacks.append(lambda m: board.epoch(m, method.estimated_T()))
+    try:
+        result = fit(model, optimizer, noisy_loader, trusted_loader, method, epochs=config.epochs,
+                     num_classes=dataset.num_classes, test_loader=test_loader, val_loader=val_loader,
+                     T_true=problem.T_true, device=config.device, scheduler=build_scheduler(config),
+                     callbacks=callbacks, progress=progress, checkpoint_path=out / "checkpoint.pt",
+                     resume=resume, fingerprint=fingerprint, seed=config.seed, world=world, amp=config.amp,
+                     channels_last=config.channels_last, on_step=None if board is None else board.step)
+    finally:
+        if board is not None:
+            board.close()
+    if keeper is not None:
+        keeper.finish()
+    last = result.history[-1]
+    summary = {"method": config.method, "dataset": config.dataset, "noise": problem.description["noise"],
+               "strength": config.strength, "trusted": config.trusted, "seed": config.seed,
+               "final_test_acc": last.get("test_acc"), "final_val_acc": last.get("val_acc"),
+               "t_error": last.get("t_error"), "wall_s": result.wall_s,
+               "epochs": len(result.history), "fingerprint": fingerprint, "world_size": world.size}
+    if main:
+        _write_outputs(out, result, problem, dataset, config, model_name, model_options, model, summary)
+    world.barrier()
+    return summary
+
+
+def _write_inputs(out: Path, resolved, fingerprint, seeds, problem, dataset, config, exclude, excluded) -> None:
+    """config.json and labels.npz: what the run is, written before training."""
+    write_json(out / "config.json", {"config": resolved, "fingerprint": fingerprint, "seeds": seeds,
+                                     "problem": problem.description, "versions": versions(),
+                                     "device": str(resolve_device(config.device)),
+                                     "num_classes": dataset.num_classes, "class_names": dataset.class_names,
+                                     "input_shape": list(dataset.input_shape),
+                                     **({"excluded": int(excluded.size)} if exclude is not None else {})})
+    np.savez_compressed(out / "labels.npz", noisy_idx=problem.noisy_idx, y_noisy=problem.y_noisy,
+                        trusted_idx=problem.trusted_idx, val_idx=problem.val_idx,
+                        **({"T_true": problem.T_true} if problem.T_true is not None else {}),
+                        **({"excluded_idx": excluded} if exclude is not None else {}))
+
+
+def _write_outputs(out: Path, result, problem, dataset, config, model_name, model_options, model,
+                   summary: dict) -> None:
+    """metrics.jsonl (rewritten whole), T, model.pt and summary.json: what the run made."""
+    metrics_path = out / "metrics.jsonl"
     # the callback appends as epochs finish; the final file is rewritten from the history so that
     # a resumed run lists every epoch exactly once
     tmp = metrics_path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(m) + "\n" for m in result.history))
     os.replace(tmp, metrics_path)
 
-    last = result.history[-1]
-    summary = {"method": config.method, "dataset": config.dataset, "noise": problem.description["noise"],
-               "strength": config.strength, "trusted": config.trusted, "seed": config.seed,
-               "final_test_acc": last.get("test_acc"), "final_val_acc": last.get("val_acc"),
-               "t_error": last.get("t_error"), "wall_s": result.wall_s,
-               "epochs": len(result.history), "fingerprint": config.fingerprint()}
     if result.T is not None:
         np.save(out / "T.npy", result.T)
         text = "Learned/estimated T (rows = true class, T[i, j] = P(noisy=j | true=i)):\n" + format_matrix(result.T)
@@ -267,5 +389,25 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike, *, resume: boo
     torch.save({"model": model_name, "model_options": model_options, "state_dict": model.state_dict(),
                 "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
                 "class_names": dataset.class_names, "dataset": config.dataset}, out / "model.pt")
-    write_json(summary_path, summary)
-    return summary
+    write_json(out / "summary.json", summary)
+
+
+def _exclude(problem, exclude):
+    """``problem`` without the training examples ``exclude`` (training-set indices from its
+    noisy or trusted part; the validation split cannot be excluded)."""
+    exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+    keep_n = ~np.isin(problem.noisy_idx, exclude)
+    keep_t = ~np.isin(problem.trusted_idx, exclude)
+    if int((~keep_n).sum() + (~keep_t).sum()) != exclude.size:
+        outside = np.setdiff1d(exclude, np.concatenate([problem.noisy_idx, problem.trusted_idx]))
+        raise ValueError(f"exclude: {outside.size} of the {exclude.size} indices (first {int(outside[0])}) are not "
+                         f"noisy or trusted training examples of this configuration")
+    if not keep_n.any() or not keep_t.any():
+        raise ValueError(f"exclude leaves no {'noisy' if not keep_n.any() else 'trusted'} training example")
+    problem = dataclasses.replace(
+        problem, noisy_idx=problem.noisy_idx[keep_n], y_noisy=problem.y_noisy[keep_n],
+        y_noisy_clean=None if problem.y_noisy_clean is None else problem.y_noisy_clean[keep_n],
+        trusted_idx=problem.trusted_idx[keep_t],
+        description={**problem.description, "n_noisy": int(keep_n.sum()), "n_trusted": int(keep_t.sum()),
+                     "excluded": int(exclude.size)})
+    return problem, exclude

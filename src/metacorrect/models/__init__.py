@@ -12,6 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from .mlp import MLP
+from .resnet50 import ResNet50, load_init_weights
 from .cnn import LeNet, ResNet, WideResNet
 from .text import WindowMLP, WordAveraging
 
@@ -63,6 +64,13 @@ def _wrn16_2(input_shape, num_classes, **kw):
     return WideResNet(input_shape, num_classes, depth=16, widen=2, **kw)
 
 
+@register_model("resnet50")
+def _resnet50(input_shape, num_classes, **kw):
+    """ResNet-50 with torchvision's parameter names (Clothing1M's usual network; ImageNet
+    weights from a file with ``--init-weights``)."""
+    return ResNet50(input_shape, num_classes, **kw)
+
+
 @register_model("word_avg")
 def _word_avg(input_shape, num_classes, vocab_size=None, **kw):
     """GLC's SST model: mean of word embeddings, then a linear layer (token ids, 0 = pad)."""
@@ -87,5 +95,5 @@ def create_model(name: str, input_shape, num_classes: int, **kwargs) -> nn.Modul
     return MODELS[name](tuple(input_shape), int(num_classes), **kwargs)
 
 
-__all__ = ["MODELS", "create_model", "model_names", "register_model", "MLP", "LeNet", "ResNet", "WideResNet",
-           "WordAveraging", "WindowMLP"]
+__all__ = ["MODELS", "create_model", "model_names", "register_model", "MLP", "LeNet", "ResNet", "ResNet50",
+           "WideResNet", "WordAveraging", "WindowMLP", "load_init_weights"]
