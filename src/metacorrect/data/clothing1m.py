@@ -72,6 +72,28 @@ def _labels_for(keys: list[str], kv: dict[str, int], kv_path: Path, list_path: P
     return np.array([kv[k] for k in keys], dtype=np.int64)
 
 
+def _read_split(folder: Path, max_noisy: int | None):
+    """The annotation files' split: noisy, trusted and test keys with their labels, and the
+    noisy label of each trusted image (its clean label where it has none)."""
+    ann = folder / "annotations"
+    paths = {name: require_file(ann / name, SOURCE) for name in ANNOTATIONS}
+    noisy_kv = read_kv(paths["noisy_label_kv.txt"])
+    clean_kv = read_kv(paths["clean_label_kv.txt"])
+    trusted_keys = read_keys(paths["clean_train_key_list.txt"])
+    trusted_set = set(trusted_keys)
+    noisy_keys = [k for k in read_keys(paths["noisy_train_key_list.txt"]) if k not in trusted_set]
+    if max_noisy is not None:
+        noisy_keys = noisy_keys[:int(max_noisy)]
+    test_keys = read_keys(paths["clean_test_key_list.txt"])
+    if not trusted_keys:
+        raise ValueError(f"{paths['clean_train_key_list.txt']}: no clean training keys (the trusted set)")
+    y_noisy = _labels_for(noisy_keys, noisy_kv, paths["noisy_label_kv.txt"], paths["noisy_train_key_list.txt"])
+    y_trusted = _labels_for(trusted_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_train_key_list.txt"])
+    y_test = _labels_for(test_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_test_key_list.txt"])
+    noisy_of_trusted = np.array([noisy_kv.get(k, c) for k, c in zip(trusted_keys, y_trusted)], dtype=np.int64)
+    return noisy_keys, trusted_keys, test_keys, y_noisy, y_trusted, y_test, noisy_of_trusted
+
+
 def decode_images(folder: Path, keys: list[str], size: int, progress: Progress | None = None) -> np.ndarray:
     """uint8 ``N×3×size×size`` images for ``keys`` (paths relative to ``folder``), decoded
     once into a resumable cache under :func:`cache_dir`."""
@@ -130,23 +152,7 @@ def load_clothing1m(data_dir=None, image_size: int = 32, max_noisy: int | None =
                     progress: Progress | None = None) -> Dataset:
     """Clothing1M as uint8 ``N×3×image_size×image_size``; noisy part + trusted clean part."""
     folder = resolve_data_dir(data_dir) / "clothing1m"
-    ann = folder / "annotations"
-    paths = {name: require_file(ann / name, SOURCE) for name in ANNOTATIONS}
-    noisy_kv = read_kv(paths["noisy_label_kv.txt"])
-    clean_kv = read_kv(paths["clean_label_kv.txt"])
-    trusted_keys = read_keys(paths["clean_train_key_list.txt"])
-    trusted_set = set(trusted_keys)
-    noisy_keys = [k for k in read_keys(paths["noisy_train_key_list.txt"]) if k not in trusted_set]
-    if max_noisy is not None:
-        noisy_keys = noisy_keys[:int(max_noisy)]
-    test_keys = read_keys(paths["clean_test_key_list.txt"])
-    if not trusted_keys:
-        raise ValueError(f"{paths['clean_train_key_list.txt']}: no clean training keys (the trusted set)")
-
-    y_noisy = _labels_for(noisy_keys, noisy_kv, paths["noisy_label_kv.txt"], paths["noisy_train_key_list.txt"])
-    y_trusted = _labels_for(trusted_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_train_key_list.txt"])
-    y_test = _labels_for(test_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_test_key_list.txt"])
-    noisy_of_trusted = np.array([noisy_kv.get(k, c) for k, c in zip(trusted_keys, y_trusted)], dtype=np.int64)
+    noisy_keys, trusted_keys, test_keys, y_noisy, y_trusted, y_test, noisy_of_trusted = _read_split(folder, max_noisy)
 
     images = decode_images(folder, noisy_keys + trusted_keys + test_keys, int(image_size), progress)
     n_train = len(noisy_keys) + len(trusted_keys)
@@ -170,22 +176,7 @@ def load_clothing1m_stream(data_dir=None, max_noisy: int | None = None) -> Datas
     ImageNet normalisation; centre crop for evaluation)."""
     from .streaming import FilesBatchTransform, ImageFiles, ImageNetTransform
     folder = resolve_data_dir(data_dir) / "clothing1m"
-    ann = folder / "annotations"
-    paths = {name: require_file(ann / name, SOURCE) for name in ANNOTATIONS}
-    noisy_kv = read_kv(paths["noisy_label_kv.txt"])
-    clean_kv = read_kv(paths["clean_label_kv.txt"])
-    trusted_keys = read_keys(paths["clean_train_key_list.txt"])
-    trusted_set = set(trusted_keys)
-    noisy_keys = [k for k in read_keys(paths["noisy_train_key_list.txt"]) if k not in trusted_set]
-    if max_noisy is not None:
-        noisy_keys = noisy_keys[:int(max_noisy)]
-    test_keys = read_keys(paths["clean_test_key_list.txt"])
-    if not trusted_keys:
-        raise ValueError(f"{paths['clean_train_key_list.txt']}: no clean training keys (the trusted set)")
-    y_noisy = _labels_for(noisy_keys, noisy_kv, paths["noisy_label_kv.txt"], paths["noisy_train_key_list.txt"])
-    y_trusted = _labels_for(trusted_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_train_key_list.txt"])
-    y_test = _labels_for(test_keys, clean_kv, paths["clean_label_kv.txt"], paths["clean_test_key_list.txt"])
-    noisy_of_trusted = np.array([noisy_kv.get(k, c) for k, c in zip(trusted_keys, y_trusted)], dtype=np.int64)
+    noisy_keys, trusted_keys, test_keys, y_noisy, y_trusted, y_test, noisy_of_trusted = _read_split(folder, max_noisy)
     missing = [k for k in noisy_keys + trusted_keys + test_keys if not (folder / k).is_file()]
     if missing:
         raise MissingDataError(f"{len(missing)} image file(s) the annotation lists name are missing under {folder}, "

@@ -41,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from .store import ResultsStore, compact_json, db_path, pack_columns
+from .store import ResultsStore, compact_json, db_path, json_default, pack_columns
 
 RESULT_NAME = "result.json"
 RESULT_FORMAT = 1
@@ -129,16 +129,8 @@ def write_result(run_dir: Path, *, run_id: str, fingerprint: str, status: str, f
     record = {"format": RESULT_FORMAT, "run_id": run_id, "fingerprint": fingerprint, "status": status,
               "finished_at": time.time(), "worker": worker, "attempts": int(attempts), "fields": fields or {},
               "error": error}
-    _atomic_write(path, json.dumps(record, default=_json_default) + "\n")
+    _atomic_write(path, json.dumps(record, default=json_default) + "\n")
     return path
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    return str(o)
 
 
 def read_result(run_dir: Path) -> dict | None:

@@ -42,6 +42,7 @@ from ..models import create_model
 from ..noise import format_matrix
 from ..distributed import SINGLE, World
 from ..train import TensorBatchLoader, fit, resolve_device
+from .store import json_default
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine")
@@ -162,16 +163,8 @@ def versions() -> dict:
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write (temporary file, then rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
     os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    return str(o)
 
 
 _EVAL_BATCH = 1000

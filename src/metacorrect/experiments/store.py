@@ -135,6 +135,17 @@ def rounded(value, digits: int):
     return value
 
 
+def json_default(o):
+    """``json.dumps``'s fallback for the values a run records: NumPy arrays and scalars as
+    plain JSON, anything else as its string."""
+    import numpy as np
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    return str(o)
+
+
 def compact_json(value) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 

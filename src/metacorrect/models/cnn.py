@@ -7,6 +7,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def kaiming_reset(module: nn.Module, zero_linear_bias: bool = False):
+    """He initialisation (fan-out, ReLU) of every convolution; BatchNorm and linear layers
+    back to their defaults (with ``zero_linear_bias``, linear biases at 0, as WRN's code)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+            if zero_linear_bias and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def _reset_all(module: nn.Module):
     for m in module.modules():
         if m is not module and hasattr(m, "reset_parameters"):
@@ -116,14 +130,7 @@ class WideResNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
-                nn.init.zeros_(m.bias)
+        kaiming_reset(self, zero_linear_bias=True)
 
     def forward(self, x):
         x = F.relu(self.bn(self.blocks(self.conv(x))))

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .cnn import kaiming_reset
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -66,13 +68,7 @@ class ResNet50(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
+        kaiming_reset(self)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
