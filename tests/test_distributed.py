@@ -3,9 +3,12 @@
 Exactness: one configuration on 2 processes is the one-process algorithm on the union of
 the ranks' batches (metacorrect.distributed). In float64 the only difference is the order
 of floating-point sums (a rank's share of a mean, then the all-reduce), about 1e-16
-relative per operation; over a few dozen steps through Adam the weights and T agree to
-far better than the 1e-9 the tests allow (T itself is float32: 1e-6), while a wrong weighting (e.g. averaging the
-ranks' means when their slices differ in size) is off by ~1e-2 — the tests would see it.
+relative per operation. Adam divides each step by the root of the gradient's second
+moment, which magnifies rounding in gradient entries near zero: measured, the weights
+agreed to 1e-16 (MLC's default, MW-Net, GLC), 1.4e-10 (MLC with T moving every step) and
+2.5e-9 (L2RW, whose per-example weights are normalised over the batch); the tests allow 1e-7 (T itself is float32: 1e-6), while a
+wrong weighting (e.g. averaging the ranks' means when their slices differ in size) is off
+by ~1e-2 — the tests would see it.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ CASES = {
     "mlc_empty_slice": ("mlc", {"t_update": "v1", "update_every": 1}, {"n_noisy": 41}),
     "glc": ("glc", {}, {}),
     "ce": ("ce", {}, {"batch": 7}),
+    # per-example weights normalised over the global batch (L2RW); one weight net on every rank
+    "l2rw": ("l2rw", {"trusted_ce": True}, {"n_noisy": 41}),
+    "mwnet": ("mwnet", {}, {}),
     # BatchNorm: each rank normalises its slice; one process with a ghost batch norm over the
     # same slices is the algorithm it equals (fast path with the forward-mode BatchNorm rule)
     "bn_cnn": ("mlc", {"t_update": "v1", "update_every": 1, "meta_lr": 0.05}, {"batch": 12, "model": "bn_cnn"}),
@@ -140,7 +146,7 @@ def two_process_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], out
 
 
-def _close(a, b, tol=1e-9):
+def _close(a, b, tol=1e-7):
     return all(torch.allclose(x, y, rtol=tol, atol=tol) for x, y in zip(a, b))
 
 

@@ -140,6 +140,9 @@ class MetaGradient:
             summed over the ranks with those weights (three all-reduces, of two
             parameter-sized vectors and one the size of the hyperparameters), so every rank
             gets the hypergradient one process would compute on the union of the batches.
+            ``per_example=True`` is for hyperparameters that belong to this rank's examples
+            (L2RW's per-example weights): their hypergradient stays on the rank, and the
+            noisy loss is a sum over examples (pass its share as 1, or 0 for an empty slice).
     """
 
     MODES = ("auto", "fast", "reference")
@@ -215,16 +218,19 @@ class MetaGradient:
         return self._slots
 
     def __call__(self, noisy_loss: NoisyLoss, hyper: Sequence[torch.Tensor], x_noisy, y_noisy,
-                 x_clean, y_clean, *, shares: tuple[float, float] | None = None) -> MetaResult:
+                 x_clean, y_clean, *, shares: tuple[float, float] | None = None,
+                 per_example: bool = False) -> MetaResult:
         hyper = tuple(hyper)
         if shares is not None and self.head is not None:
             raise ValueError("the head-only meta-gradient (scope='head') has no distributed form")
         if self.mode == "reference":
-            return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
+            return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares,
+                                  per_example=per_example)
         if self.head is not None:
             return self.fast_head(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean)
         if self._verified:
-            return self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
+            return self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares,
+                             per_example=per_example)
         # Until one fast call has succeeded, a failure (an operation without forward-mode or
         # double-backward support) must leave no trace: keep the buffers (BatchNorm running
         # statistics) and the RNG state to restore before the next route is tried.
@@ -233,7 +239,8 @@ class MetaGradient:
         tried: list[str] = []
         while True:
             try:
-                result = self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
+                result = self.fast(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares,
+                                   per_example=per_example)
                 self._verified = True
                 return result
             except (NotImplementedError, RuntimeError) as exc:
@@ -252,7 +259,8 @@ class MetaGradient:
                 other = "reverse" if self.jvp == "forward" else "forward"
                 if other in tried:
                     self._fall_back(reason, strict=self.mode == "fast")
-                    return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares)
+                    return self.reference(noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, shares=shares,
+                                          per_example=per_example)
                 self._fall_back(reason, to=other)
 
     # ------------------------------------------------------------------ fast, exact
@@ -266,7 +274,7 @@ class MetaGradient:
         return self.world.reduce_scaled(local, share)
 
     def fast(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, *, jvp: str | None = None,
-             shares: tuple[float, float] | None = None) -> MetaResult:
+             shares: tuple[float, float] | None = None, per_example: bool = False) -> MetaResult:
         model, alpha = self.model, self.virtual_lr
         route = jvp or self.jvp
         params = self._params()
@@ -316,7 +324,8 @@ class MetaGradient:
         if u is None:  # the output does not depend on the parameters along g_clean
             u = torch.zeros_like(z)
         hypergrads = fast_head_hypergradient(noisy_loss, z, y_noisy, hyper, u.detach(), alpha)
-        hypergrads = tuple(self._over_ranks(hypergrads, n_share))
+        if not per_example:
+            hypergrads = tuple(self._over_ranks(hypergrads, n_share))
         return MetaResult(hypergrads, clean.detach(), logits, "fast", tuple(detached))
 
     # ------------------------------------------------------------------ head only, closed form
@@ -347,7 +356,7 @@ class MetaGradient:
 
     # ------------------------------------------------------------------ reference, exact
     def reference(self, noisy_loss, hyper, x_noisy, y_noisy, x_clean, y_clean, *,
-                  shares: tuple[float, float] | None = None) -> MetaResult:
+                  shares: tuple[float, float] | None = None, per_example: bool = False) -> MetaResult:
         model = self.model
         params = self._params()
         names = list(params)
@@ -380,7 +389,7 @@ class MetaGradient:
                 clean = (clean * shares[1] if shares[1] > 0 else 0.0) + connect
         hypergrads = torch.autograd.grad(clean, leaves, allow_unused=True)
         hypergrads = tuple(torch.zeros_like(h) if g is None else g for h, g in zip(leaves, hypergrads))
-        if shares is not None:
+        if shares is not None and not per_example:
             hypergrads = tuple(self.world.all_reduce([h.clone() for h in hypergrads]))
         # the actual step's forward, with the running-statistics update a plain step makes
         return MetaResult(hypergrads, clean.detach(), model(x_noisy), "reference")

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..distributed import SINGLE
 from ..meta import MetaGradient
 from . import register_method
 from .base import Method, Phase
@@ -78,23 +79,33 @@ class L2RW(Method):
         self.last_weights: torch.Tensor | None = None  # the latest batch's weights, for inspection
 
     def setup(self, ctx):
-        if getattr(ctx, "world", None) is not None and ctx.world.active:
-            raise ValueError(f"{self.name} has no distributed form yet (its per-example weights would need "
-                             f"normalising over the global batch); train it in one process")
-        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode)
+        self.world = getattr(ctx, "world", SINGLE)
+        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, world=self.world)
 
     def step(self, ctx, noisy, trusted):
         x_n, y_n = noisy
         x_c, y_c = trusted
         eps = torch.zeros(len(y_n), device=y_n.device, requires_grad=True)
-        result = self.engine(_weighted_ce, (eps,), x_n, y_n, x_c, y_c)
-        w = l2rw_weights(result.hypergrads[0].detach())
+        if not self.world.active:
+            result = self.engine(_weighted_ce, (eps,), x_n, y_n, x_c, y_c)
+            w = l2rw_weights(result.hypergrads[0].detach())
+        else:
+            # distributed: the noisy loss is a sum over all ranks' examples (share 1 for a rank
+            # with examples); each rank's weights are its own examples', normalised over the
+            # global batch
+            has = 1.0 if len(y_n) else 0.0
+            result = self.engine(_weighted_ce, (eps,), x_n, y_n, x_c, y_c, shares=(has, ctx.share("trusted")),
+                                 per_example=True)
+            w = (-result.hypergrads[0].detach()).clamp_min(0)
+            total = self.world.all_reduce([w.sum().reshape(1)])[0]
+            w = w / total if float(total) > 0 else w
         self.last_weights = w
         loss = _weighted_ce(result.noisy_logits, y_n, w)
-        if self.trusted_ce:
-            loss = loss + F.cross_entropy(ctx.model(x_c), y_c)
-        ctx.optimizer_step(loss)
-        return loss.detach()
+        loss_c = F.cross_entropy(ctx.model(x_c), y_c) if self.trusted_ce else None
+        if self.world.active and len(y_n):
+            loss = loss / ctx.share("noisy")  # a sum over the global batch already: undo the share weighting
+        ctx.optimizer_step(loss, loss_c)
+        return ctx.reported(loss, loss_c)
 
 
 class WeightNet(nn.Module):
@@ -166,14 +177,18 @@ class MWNet(Method):
         self.last_weights: torch.Tensor | None = None  # the latest batch's weights, for inspection
 
     def setup(self, ctx):
-        self.vnet = WeightNet(int(self.hidden)).to(ctx.device)
+        dtype = next(ctx.model.parameters()).dtype  # the weight net computes in the model's precision
+        self.vnet = WeightNet(int(self.hidden)).to(ctx.device, dtype)
         self.vnet_optimizer = torch.optim.Adam(self.vnet.parameters(), lr=self.meta_lr,
                                                weight_decay=self.meta_weight_decay)
         self._names = [n for n, _ in self.vnet.named_parameters()]
-        if getattr(ctx, "world", None) is not None and ctx.world.active:
-            raise ValueError(f"{self.name} has no distributed form yet (its per-example weights would need "
-                             f"normalising over the global batch); train it in one process")
-        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode)
+        self.world = getattr(ctx, "world", SINGLE)
+        if self.world.active:
+            if self.weight_norm == "sum":
+                raise ValueError("mwnet option weight_norm='sum' has no distributed form (its normaliser is a sum "
+                                 "over the global batch inside the virtual step); use 'mean'")
+            self.world.broadcast_module(self.vnet)  # one weight net, identical on every rank
+        self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, world=self.world)
 
     def _reduce(self, v: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         if self.weight_norm == "sum":
@@ -191,7 +206,8 @@ class MWNet(Method):
         x_n, y_n = noisy
         x_c, y_c = trusted
         params = [p for _, p in self.vnet.named_parameters()]
-        result = self.engine(self.weighted_loss, params, x_n, y_n, x_c, y_c)
+        distributed = {"shares": (ctx.share("noisy"), ctx.share("trusted"))} if self.world.active else {}
+        result = self.engine(self.weighted_loss, params, x_n, y_n, x_c, y_c, **distributed)
         self.vnet_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, result.hypergrads):
             p.grad = g.detach().to(p.dtype)
@@ -202,10 +218,9 @@ class MWNet(Method):
             v = self.vnet(losses.detach().unsqueeze(1)).squeeze(1)
         self.last_weights = v
         loss = self._reduce(v, losses)
-        if self.trusted_ce:
-            loss = loss + F.cross_entropy(ctx.model(x_c), y_c)
-        ctx.optimizer_step(loss)
-        return loss.detach()
+        loss_c = F.cross_entropy(ctx.model(x_c), y_c) if self.trusted_ce else None
+        ctx.optimizer_step(loss, loss_c)
+        return ctx.reported(loss, loss_c)
 
     def state_dict(self) -> dict[str, Any]:
         return {"vnet": {k: v.detach().cpu().clone() for k, v in self.vnet.state_dict().items()},
