@@ -419,11 +419,12 @@ def test_primal_reuse_equals_plain_forward_mode_and_keeps_only_retained_outputs(
         del out
 
 
-def test_mlc_default_updates_T_every_third_step_starting_with_the_first():
+def test_mlc_v1_updates_T_every_third_step_starting_with_the_first():
     torch.manual_seed(12)
     model = tiny_mlp().double()
     ctx = _mlc_ctx(model)
-    mlc = create_method("mlc", t_warmup=0.0)
+    assert create_method("mlc").update_every == 5  # the tested rule's default
+    mlc = create_method("mlc", t_update="v1")
     assert mlc.update_every == 3
     mlc.setup(ctx)
     mlc.T = mlc.T.double()

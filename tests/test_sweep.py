@@ -167,6 +167,21 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
                     (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1}}), b["run_id"]))
     with pytest.raises(ValueError, match="1 run"):
         store.register(mlc_one)
+    # a run of the same algorithm version whose resolved options differ from what the
+    # defaults give now (here: MLC's update_every, 3 when it ran, 5 now) is not the same run
+    # either: a resumed sweep reruns it
+    import json as _json
+    from metacorrect.methods import create_method
+    then = {**create_method("mlc").options(), "update_every": 3}
+    with store.transaction() as con:
+        con.execute("UPDATE runs SET resolved_json = ?, config_json = ?, fingerprint = 'then' WHERE run_id = ?",
+                    (_json.dumps({"method_options": then}),
+                     _json.dumps({**_json.loads(con.execute("SELECT config_json FROM runs WHERE run_id = ?",
+                                                            (b["run_id"],)).fetchone()[0]), "method_options": {}}),
+                     b["run_id"]))
+    plain = load_sweep_config(write(tmp_path, TINY, "e.toml")).runs()
+    with pytest.raises(ValueError, match="1 run"):
+        store.register(plain)
     with store.transaction() as con:
         con.execute("UPDATE runs SET resolved_json = ? WHERE run_id = ?",
                     (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1, "t_update": "tested"}}),

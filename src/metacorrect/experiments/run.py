@@ -127,6 +127,15 @@ class RunConfig:
     ADDED_LATER = {"fused_optimizer": False, "keep_train_probs": 0, "loader_workers": 0, "init_weights": None,
                    "amp": "none", "channels_last": False}
 
+    def resolved_method_options(self) -> dict | None:
+        """The method's options with its defaults filled in (``Method.options()``), or
+        ``None`` when the options are invalid (they fail where the method is built)."""
+        from ..methods import create_method
+        try:
+            return create_method(self.method, **self.method_options).options()
+        except (ValueError, TypeError):
+            return None
+
     def method_version(self) -> int:
         """The version of the method's algorithm these options resolve to
         (:meth:`metacorrect.methods.Method.algorithm_version`)."""
@@ -146,7 +155,10 @@ class RunConfig:
                 d.pop(key)
         version = self.method_version()
         if version != 1:  # version 1 is every run recorded before versions existed
+            # and the options the method resolves (defaults included): a default that changes
+            # changes the run's identity, so an old checkpoint is not resumed under it
             d["method_version"] = version
+            d["method_resolved"] = self.resolved_method_options()
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

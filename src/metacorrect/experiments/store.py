@@ -93,6 +93,26 @@ CREATE TABLE IF NOT EXISTS meta (
 IGNORED_SETTINGS = ("data_dir", "device")
 
 
+def same_method_settings(a: dict, b: dict, defaults: dict | None) -> bool:
+    """Whether two recorded option sets of one method ran the same algorithm: equal on every
+    option both recorded, and an option only one of them recorded is one the library gained
+    later at its current default (or dropped since, recorded as ``None``). Without the
+    method's ``defaults`` only equal sets are the same."""
+    if a == b:
+        return True
+    if defaults is None:
+        return False
+    for key in set(a) | set(b):
+        if key in a and key in b:
+            if a[key] != b[key]:
+                return False
+        else:
+            value = a[key] if key in a else b[key]
+            if value != defaults.get(key) and not (key not in defaults and value is None):
+                return False
+    return True
+
+
 def same_settings(stored: dict, new: dict, resolved_method_options: dict | None = None) -> bool:
     """Whether a recorded run configuration and a new one give the same run: settings that
     do not change results (where the data lives, the device) are ignored, a setting the
@@ -109,9 +129,14 @@ def same_settings(stored: dict, new: dict, resolved_method_options: dict | None 
     if not all(stored.get(k, defaults.get(k)) == new.get(k, defaults.get(k)) for k in keys):
         return False
     from ..methods import algorithm_version
-    if resolved_method_options is not None and \
-            algorithm_version(new["method"], resolved_method_options) != RunConfig.from_dict(new).method_version():
-        return False  # the method's algorithm changed since the run (a default changed)
+    if resolved_method_options is not None:
+        now = RunConfig.from_dict(new)
+        if algorithm_version(new["method"], resolved_method_options) != now.method_version():
+            return False  # the method's algorithm changed since the run
+        resolved_now = now.resolved_method_options()
+        if resolved_now is not None and not same_method_settings(resolved_method_options, resolved_now,
+                                                                 resolved_now):
+            return False  # a default changed since the run: it would run otherwise now
     old_opts, new_opts = stored.get("method_options") or {}, new.get("method_options") or {}
     if old_opts == new_opts:
         return True

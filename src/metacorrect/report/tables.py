@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..experiments.store import DB_NAME, ResultsStore, load_json
+from ..experiments.store import DB_NAME, ResultsStore, load_json, same_method_settings
 
 METHOD_LABELS = {"trusted_only": "Trusted only", "ce": "No correction", "forward": "Forward",
                  "forward_gold": "Forward Gold", "distillation": "Distillation", "confusion": "Confusion matrix",
@@ -240,26 +240,6 @@ def _current_defaults(method: str) -> dict | None:
         return create_method(method).options()
     except Exception:  # an unknown or since-renamed method: no defaults to compare with
         return None
-
-
-def same_method_settings(a: dict, b: dict, defaults: dict | None) -> bool:
-    """Whether two recorded option sets of one method ran the same algorithm: equal on every
-    option both recorded, and an option only one of them recorded is one the library gained
-    later at its current default (or dropped since, recorded as ``None``). Without the
-    method's ``defaults`` only equal sets are the same."""
-    if a == b:
-        return True
-    if defaults is None:
-        return False
-    for key in set(a) | set(b):
-        if key in a and key in b:
-            if a[key] != b[key]:
-                return False
-        else:
-            value = a[key] if key in a else b[key]
-            if value != defaults.get(key) and not (key not in defaults and value is None):
-                return False
-    return True
 
 
 def method_options_by_method(results: SweepResults) -> dict[str, list[dict]]:
