@@ -21,6 +21,7 @@ import torch
 
 from metacorrect.experiments.config import SweepConfigError, load_sweep_config, parse_override
 from metacorrect.experiments.run import RunConfig, run_experiment
+from metacorrect.train import CheckpointError
 
 
 def parse_variant(text: str) -> dict:
@@ -58,7 +59,10 @@ def main() -> None:
                               "strength": args.strength, "trusted": args.trusted, "validation": args.validation,
                               "method": "mlc", "method_options": options, "seed": args.seed})
         folder = Path(args.out) / f"{dataset}-{args.noise}-s{args.strength:g}-t{args.trusted:g}-{text}".replace("/", "_")
-        summary = run_experiment(config, folder, resume=True)
+        try:
+            summary = run_experiment(config, folder, resume=True)
+        except CheckpointError:  # a checkpoint of another configuration (a default changed): start over
+            summary = run_experiment(config, folder, resume=False)
         rows.append((text, summary))
         print(f"{text}: val {summary['final_val_acc']:.4f} test {summary['final_test_acc']:.4f} "
               f"T error {summary['t_error']:.3f} ({summary['wall_s']:.0f} s)", flush=True)

@@ -62,3 +62,14 @@ def test_every_method_trains_with_bf16(method):
 def test_unknown_amp_mode_is_named():
     with pytest.raises(ValueError, match="amp must be one of"):
         autocast_forward(nn.Linear(2, 2), "fp8", torch.device("cpu"))
+
+
+def test_channels_last_trains_a_cnn_with_the_meta_step():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 1, 6, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    result = fit(model, torch.optim.Adam(model.parameters(), 1e-2), TensorBatchLoader(x[:32], y[:32], 16),
+                 TensorBatchLoader(x[32:], y[32:], 8), "mlc", epochs=1, num_classes=3, device="cpu",
+                 channels_last=True, t_update="v1", update_every=1)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
