@@ -97,6 +97,12 @@ CASES = {
     # per-example weights normalised over the global batch (L2RW); one weight net on every rank
     "l2rw": ("l2rw", {"trusted_ce": True}, {"n_noisy": 41}),
     "mwnet": ("mwnet", {}, {}),
+    # the other baselines: single-stream phases, T estimates from gathered predictions, a teacher
+    "forward": ("forward", {}, {"epochs": 1}),
+    "forward_gold": ("forward_gold", {}, {"epochs": 1}),
+    "confusion": ("confusion", {}, {"epochs": 1}),
+    "distillation": ("distillation", {}, {"epochs": 1}),
+    "trusted_only": ("trusted_only", {}, {"epochs": 1}),
     # BatchNorm: each rank normalises its slice; one process with a ghost batch norm over the
     # same slices is the algorithm it equals (fast path with the forward-mode BatchNorm rule)
     "bn_cnn": ("mlc", {"t_update": "v1", "update_every": 1, "meta_lr": 0.05}, {"batch": 12, "model": "bn_cnn"}),
@@ -207,12 +213,13 @@ def test_torchrun_metacorrect_train_equals_one_process(tmp_path):
     import subprocess
     common = ["train", "--dataset", "digits", "--noise", "flip", "--strength", "0.6", "--trusted", "0.1",
               "--method", "mlc", "--epochs", "1", "--seed", "0", "--device", "cpu", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "metacorrect", *common, "--out", str(tmp_path / "two")], check=True, env=env,
-                   capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "metacorrect", *common, "--out", str(tmp_path / "one")], check=True,
-                   env=env, capture_output=True, timeout=300)
+    launcher_vars = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "metacorrect", *common, "--out", str(tmp_path / "two")],
+                [sys.executable, "-m", "metacorrect", *common, "--out", str(tmp_path / "one")]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
     two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["final_test_acc"] == one["final_test_acc"]
