@@ -212,6 +212,9 @@ class MWNet(Method):
         for p, g in zip(params, result.hypergrads):
             p.grad = g.detach().to(p.dtype)
         self.vnet_optimizer.step()
+        self._updates = getattr(self, "_updates", 0) + 1
+        if self.world.active and self._updates % 100 == 1:  # one weight net on every replica
+            self.world.check_identical(torch.cat([p.detach().reshape(-1) for p in params]), "MW-Net's weight net")
 
         losses = F.cross_entropy(result.noisy_logits, y_n, reduction="none")
         with torch.no_grad():
