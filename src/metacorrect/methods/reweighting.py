@@ -172,6 +172,7 @@ class MWNet(Method):
         if int(self.hidden) < 1:
             raise ValueError(f"mwnet option hidden must be >= 1, got {self.hidden}")
         self.phases = (Phase("mwnet", "paired"),)
+        self._updates = 0  # weight-net updates so far (when to check the replicas agree)
         self.vnet: WeightNet | None = None
         self.vnet_optimizer: torch.optim.Optimizer | None = None
         self.last_weights: torch.Tensor | None = None  # the latest batch's weights, for inspection
@@ -212,7 +213,7 @@ class MWNet(Method):
         for p, g in zip(params, result.hypergrads):
             p.grad = g.detach().to(p.dtype)
         self.vnet_optimizer.step()
-        self._updates = getattr(self, "_updates", 0) + 1
+        self._updates += 1
         if self.world.active and self._updates % 100 == 1:  # one weight net on every replica
             self.world.check_identical(torch.cat([p.detach().reshape(-1) for p in params]), "MW-Net's weight net")
 
