@@ -304,11 +304,11 @@ def _mlc_ctx(model, lr=0.05):
                         trusted_loader=[], epochs=1, steps_per_epoch=10)
 
 
-def _expected_update(model, T, xn, yn, xc, yc, lr, trusted_ce=True):
+def _expected_update(model, T, xn, yn, xc, yc, lr, trusted_ce=True, trusted_weight=1.0):
     m = copy.deepcopy(model)
     loss = forward_corrected_loss(m(xn), yn, T)
     if trusted_ce:
-        loss = loss + F.cross_entropy(m(xc), yc)
+        loss = loss + trusted_weight * F.cross_entropy(m(xc), yc)
     grads = torch.autograd.grad(loss, list(m.parameters()))
     return [p.detach() - lr * g for p, g in zip(m.parameters(), grads)]
 
@@ -332,6 +332,39 @@ def test_mlc_actual_step_uses_the_new_T_or_with_reuse_the_old_one(reuse):
     for p, w, o in zip(model.parameters(), want, other):
         assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
     assert any(not torch.allclose(w, o, rtol=1e-10, atol=1e-12) for w, o in zip(want, other))
+
+
+@pytest.mark.parametrize("meta_mode", ["fast", "reference"])
+@pytest.mark.parametrize("trusted_weight", [1.0, 5.0])
+def test_mlc_meta_step_that_leaves_T_unchanged_takes_the_exact_step(meta_mode, trusted_weight):
+    # the tested rule moves T only at the end of a block: mid-block the fast path reuses the
+    # virtual step's gradient for the actual step, which must be the exact step with that T
+    # (the reference mode recomputes it), with the trusted cross-entropy weighted as asked
+    torch.manual_seed(11)
+    model = tiny_mlp().double()
+    before = copy.deepcopy(model)
+    ctx = _mlc_ctx(model)
+    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=1, meta_mode=meta_mode,
+                        trusted_weight=trusted_weight)
+    mlc.setup(ctx)
+    mlc.T = (0.8 * torch.eye(C) + 0.2 / C).double()
+    T_old = mlc.T.clone()
+    xn, yn = batch((6,), 12, 1)
+    xc, yc = batch((6,), 12, 2)
+    mlc.step(ctx, (xn, yn), (xc, yc))
+    assert torch.equal(mlc.T, T_old) and mlc.updater.count == 1  # mid-block: evidence gathered, T kept
+    want = _expected_update(before, T_old, xn, yn, xc, yc, 0.05, trusted_weight=trusted_weight)
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
+    if trusted_weight != 1.0:  # the weight acts: the unweighted step is elsewhere
+        other = _expected_update(before, T_old, xn, yn, xc, yc, 0.05)
+        assert any(not torch.allclose(w, o, rtol=1e-6) for w, o in zip(want, other))
+
+
+def test_mlc_rejects_a_bad_trusted_weight():
+    for bad in (0, -1.0, float("nan"), "5"):
+        with pytest.raises(ValueError, match="trusted_weight must be a number > 0"):
+            create_method("mlc", trusted_weight=bad)
 
 
 def test_mlc_meta_batch_slices_the_trusted_batch_for_the_meta_step_only():

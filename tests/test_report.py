@@ -242,6 +242,11 @@ def test_runs_of_an_older_algorithm_version_are_reported_apart_under_their_own_n
     v1 = {k: v for k, v in now.items() if k not in ("t_update", "t_blocks", "z_crit", "t_warmup")}  # before t_update
     assert versioned_method("mlc", now) == "mlc" and versioned_method("mlc", v1) == "mlc@v1"
     assert versioned_method("mlc", {**now, "t_update": "v1"}) == "mlc@v1"
+    # version 2: the tested rule from the last estimate epoch, recorded before estimate_patience existed
+    v2 = {k: v for k, v in now.items() if k not in ("estimate_patience", "estimate_holdout", "estimate_epochs",
+                                                     "trusted_weight")}
+    assert versioned_method("mlc", v2) == "mlc@v2" and method_label("mlc@v2") == "MLC (v2)"
+    assert versioned_method("mlc", {**now, "estimate_patience": 0, "estimate_holdout": 0.0}) == "mlc@v2"
     assert versioned_method("glc", create_method("glc").options()) == "glc"
     assert method_label("mlc@v1") == "MLC (v1)"
 

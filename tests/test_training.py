@@ -246,6 +246,104 @@ def test_trusted_only_min_updates_adds_passes_per_epoch_and_resumes_exactly(tmp_
             TensorBatchLoader(x, y, 16), method="trusted_only", min_updates=-1, num_classes=3, device="cpu")
 
 
+def test_mlc_estimate_epochs_shortens_the_estimate_phase_only_and_resumes_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)
+
+    def train(epochs=4, **kw):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        return fit(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+                   TensorBatchLoader(x[:24], y[:24], 8, seed=1), method="mlc", t_init="glc", t_warmup=0.0,
+                   update_every=2, estimate_epochs=0.5, epochs=epochs, num_classes=3, device="cpu", **kw)
+
+    result = train()
+    assert [(m["phase"], m["phase_epoch"]) for m in result.history] == \
+        [("estimate", 1), ("estimate", 2), ("mlc", 1), ("mlc", 2), ("mlc", 3), ("mlc", 4)]
+    # interrupted inside the short estimate phase and at its end, resumed: the same weights and T
+    full = train(checkpoint_path=tmp_path / "full.pt")
+    for cut in (1, 2):
+        def stop(metrics, cut=cut):
+            if metrics["epoch"] == cut:
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            train(checkpoint_path=tmp_path / f"cut{cut}.pt", callbacks=[stop])
+        resumed = train(checkpoint_path=tmp_path / f"cut{cut}.pt", resume=True)
+        assert len(resumed.history) == 6
+        assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
+        assert np.array_equal(full.T, resumed.T)
+    for bad in (0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="estimate_epochs must be a fraction in"):
+            fit(
+                nn.Linear(6, 3), torch.optim.SGD(nn.Linear(6, 3).parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+                TensorBatchLoader(x, y, 8), method="mlc", estimate_epochs=bad, num_classes=3, device="cpu")
+
+
+def test_mlc_estimate_patience_stops_the_estimate_phase_and_starts_T_from_its_best_epoch(tmp_path):
+    from metacorrect.methods.mlc import MLC
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    # scripted held-out losses by epoch of the estimate phase (5 examples each): epoch 2 is the
+    # best; epoch 3 is within one standard error of it (chosen: the later of the two); epochs 4
+    # and 5 are clearly worse (more than two), so the phase stops after its 5th epoch
+    best = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=torch.float64)
+    script = [best + 1.0, best, best + torch.tensor([0.2, -0.1, 0.1, -0.15, 0.0], dtype=torch.float64),
+              best + 0.3 + torch.tensor([0.01, -0.01, 0.0, 0.02, -0.02], dtype=torch.float64),
+              best + 0.4 + torch.tensor([0.01, -0.01, 0.0, 0.02, -0.02], dtype=torch.float64), best - 1.0]
+    trained_on = []
+
+    class Scripted(MLC):
+        def _holdout_losses(self, ctx):
+            assert len(ctx.holdout_loader.y) == 5  # estimate_holdout=0.1 of the 50 noisy examples
+            return script[ctx.epoch_in_phase]
+
+        def _trusted_estimate(self, ctx):
+            e = ctx.epoch_in_phase
+            return np.full((3, 3), 0.1) + np.eye(3) * (0.7 - 0.1 * e), 0.5
+
+        def step(self, ctx, noisy, trusted):
+            if trusted is None:
+                trained_on.append({tuple(r.tolist()) for r in noisy[0]})
+            return super().step(ctx, noisy, trusted)
+
+    def train(**kw):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        return fit(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorBatchLoader(x, y, 8),
+                   TensorBatchLoader(x[:24], y[:24], 8, seed=1),
+                   Scripted(t_init="glc", t_warmup=0.0, update_every=2, estimate_patience=2),
+                   epochs=6, num_classes=3, device="cpu", **kw)
+
+    full = train(checkpoint_path=tmp_path / "full.pt")
+    assert [m["phase"] for m in full.history] == ["estimate"] * 5 + ["mlc"] * 6
+    assert [m["holdout_nll"] for m in full.history[:5]] == pytest.approx([float(t.mean()) for t in script[:5]])
+    assert [m["estimate_epoch"] for m in full.history[:5]] == [1, 2, 3, 3, 3]
+    assert np.allclose(full.method.T_start.numpy(), np.full((3, 3), 0.1) + np.eye(3) * 0.5)  # epoch 3's
+    # the same 45 examples trained on in every estimate epoch: the 5 held out never are
+    seen = set().union(*trained_on)
+    assert len(seen) == 45
+
+    def stop(metrics):
+        if metrics["epoch"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(checkpoint_path=tmp_path / "cut.pt", callbacks=[stop])
+    resumed = train(checkpoint_path=tmp_path / "cut.pt", resume=True)
+    assert [m["phase"] for m in resumed.history] == [m["phase"] for m in full.history]
+    assert np.array_equal(resumed.method.T_start.numpy(), full.method.T_start.numpy())
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
+    for bad, match in ((-1, "estimate_patience must be an integer >= 0"), (1.5, "estimate_patience must be"),
+                       (True, "estimate_patience must be")):
+        with pytest.raises(ValueError, match=match):
+            MLC(estimate_patience=bad)
+    with pytest.raises(ValueError, match="estimate_holdout must be a fraction"):
+        MLC(estimate_patience=2, estimate_holdout=1.0)
+    with pytest.raises(ValueError, match="needs estimate_holdout > 0"):
+        MLC(estimate_patience=2, estimate_holdout=0.0)
+
+
 def test_fused_optimizer_setting_builds_the_fused_kernel_and_keeps_old_fingerprints():
     import hashlib
     from metacorrect.experiments.run import build_optimizer

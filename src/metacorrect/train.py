@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -79,6 +80,22 @@ class TensorBatchLoader:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def split(self, fraction: float, seed: int) -> tuple["TensorBatchLoader", "TensorBatchLoader"]:
+        """A fixed random ``fraction`` of the examples set apart (drawn with ``seed``): the
+        rest, batched and shuffled as this loader is, and the fraction, in order."""
+        n = len(self.y)
+        k = int(round(fraction * n))
+        if not 0 < k < n:
+            raise ValueError(f"cannot set {fraction} of {n} examples apart: it must leave at least one on each side")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        held, kept = perm[:k].sort().values, perm[k:].sort().values
+
+        def part(idx, shuffle, part_seed):
+            return TensorBatchLoader(self.x[idx], self.y[idx], self.batch_size, shuffle=shuffle, seed=part_seed,
+                                     transform=self.transform, drop_last=self.drop_last and shuffle,
+                                     world=self.world)
+        return part(kept, self.shuffle, seed + 1), part(held, False, 0)
+
     def __iter__(self):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
@@ -120,6 +137,8 @@ class TrainContext:
     # this step's (local, global) batch sizes per stream, and the stream of a single-stream step
     counts: dict = field(default_factory=dict)
     primary_stream: str = "noisy"
+    # the noisy examples a phase with ``holdout`` keeps out of training (Phase.holdout)
+    holdout_loader: Iterable | None = None
     _initial_model: dict = field(default_factory=dict, repr=False)
     _initial_optimizer: dict = field(default_factory=dict, repr=False)
 
@@ -394,6 +413,17 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     ctx._initial_optimizer = copy.deepcopy(optimizer.state_dict())
     interleave_gen = torch.Generator().manual_seed(seed + 7919)
     loaders = {"noisy": noisy_loader, "trusted": trusted_loader}
+    # phases that keep a fixed fraction of the noisy examples out of training (Phase.holdout):
+    # (the loader they train on, the held-out loader); the former's shuffling is checkpointed
+    holdouts: dict[int, tuple[Iterable, Iterable]] = {}
+    for i, ph in enumerate(method.phases):
+        if ph.holdout > 0:
+            if isinstance(noisy_loader, TensorBatchLoader):
+                holdouts[i] = noisy_loader.split(ph.holdout, seed + 104729 + i)
+                loaders[f"noisy-phase{i}"] = holdouts[i][0]
+            else:
+                warnings.warn(f"phase {ph.name!r} asks for {ph.holdout:g} of the noisy examples held out, which "
+                              f"needs in-memory data (TensorBatchLoader); it trains on all of them instead")
     method.setup(ctx)
 
     history: list[dict] = []
@@ -427,14 +457,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     checked_width = False
     for p_index in range(first_phase, len(method.phases)):
         phase = method.phases[p_index]
-        if p_index == first_phase and first_epoch >= epochs:
+        phase_epochs = phase.epochs_of(epochs)
+        if p_index == first_phase and first_epoch >= phase_epochs:
             first_epoch = 0  # the checkpoint ended this phase: the next one begins afresh
             continue
-        steps_per_pass = _steps(phase.stream, noisy_loader, trusted_loader)
-        passes = phase.passes_per_epoch(epochs, steps_per_pass)
+        phase_noisy, ctx.holdout_loader = holdouts.get(p_index, (noisy_loader, None))
+        steps_per_pass = _steps(phase.stream, phase_noisy, trusted_loader)
+        passes = phase.passes_per_epoch(phase_epochs, steps_per_pass)
         steps = passes * steps_per_pass
         ctx.steps_per_epoch = steps
-        ctx.scheduler = scheduler(optimizer, steps * epochs) if scheduler is not None else None
+        ctx.scheduler = scheduler(optimizer, steps * phase_epochs) if scheduler is not None else None
         resuming_here = p_index == first_phase and first_epoch > 0
         if resuming_here:
             if ctx.scheduler is not None and resumed_scheduler is not None:
@@ -446,12 +478,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             if phase.reinit:
                 ctx.reinitialise()
                 if ctx.scheduler is not None:
-                    ctx.scheduler = scheduler(optimizer, steps * epochs)
-        for epoch in range(first_epoch if p_index == first_phase else 0, epochs):
+                    ctx.scheduler = scheduler(optimizer, steps * phase_epochs)
+        for epoch in range(first_epoch if p_index == first_phase else 0, phase_epochs):
             ctx.epoch_in_phase = epoch
             t0 = time.perf_counter()
             total = torch.zeros((), device=device)
-            pairs = itertools.chain.from_iterable(_stream(phase.stream, noisy_loader, trusted_loader, interleave_gen)
+            pairs = itertools.chain.from_iterable(_stream(phase.stream, phase_noisy, trusted_loader, interleave_gen)
                                                   for _ in range(passes))
             for i, (nb, tb) in enumerate(pairs):
                 nb = None if nb is None else (ctx.to_device(nb[0]), nb[1].to(device, non_blocking=True))
@@ -461,7 +493,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     checked_width = True
                 ctx.step_in_phase = epoch * steps + i
                 ctx.counts = {}
-                for stream, batch, loader in (("noisy", nb, noisy_loader), ("trusted", tb, trusted_loader)):
+                for stream, batch, loader in (("noisy", nb, phase_noisy), ("trusted", tb, trusted_loader)):
                     if batch is not None:
                         ctx.counts[stream] = getattr(loader, "last_count", None) or (len(batch[1]),) * 2
                 ctx.primary_stream = "noisy" if nb is not None else "trusted"
@@ -472,7 +504,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                 if on_step is not None:
                     on_step(global_step, float(step_loss))
                 if progress is not None:
-                    progress(i + 1, steps, f"{phase.name} epoch {epoch + 1}/{epochs}")
+                    progress(i + 1, steps, f"{phase.name} epoch {epoch + 1}/{phase_epochs}")
             mean_loss = float(total) / max(steps, 1)
             epoch_s = time.perf_counter() - t0
             if not math.isfinite(mean_loss):
@@ -493,6 +525,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             T_hat = method.estimated_T()
             if T_hat is not None and T_true is not None:
                 metrics["t_error"] = noise_models.t_error(_as_stochastic(T_hat), T_true)
+            ends_phase = bool(method.end_epoch(ctx, p_index, epoch, metrics))
             history.append(metrics)
             for cb in callbacks:
                 cb(metrics)
@@ -500,7 +533,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
             if ckpt is not None and world.is_main:
                 gens = _loader_generators(loaders)
                 save_checkpoint(ckpt, {
-                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "phase": p_index, "epoch": epoch + 1,
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "phase": p_index,
+                    "epoch": phase_epochs if ends_phase else epoch + 1,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
                     "method": method.state_dict(), "rng": _rng_state(device), "world_size": world.size,
@@ -509,6 +543,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     "initial_model": ctx._initial_model, "initial_optimizer": ctx._initial_optimizer,
                     "history": history, "global_step": global_step,
                     "elapsed": elapsed_before + time.perf_counter() - start})
+            if ends_phase:
+                break
         first_epoch = 0
     restore_forward()
     T_final = method.estimated_T()

@@ -44,12 +44,26 @@ class Phase:
     # fewer, each epoch makes ⌈min_updates / (epochs · steps per pass)⌉ passes (so the number
     # of epochs, evaluations and checkpoints stays as asked)
     min_updates: int = 0
+    # this phase's epochs as a fraction of the run's ``epochs`` (at least one epoch), e.g.
+    # MLC's estimate phase, which only has to produce T's starting point
+    epoch_fraction: float = 1.0
+    # a fixed fraction of the noisy examples kept out of this phase's training (in-memory
+    # data only), for the method to evaluate on (``ctx.holdout_loader``, noisy labels)
+    holdout: float = 0.0
 
     def __post_init__(self):
         if self.stream not in STREAMS:
             raise ValueError(f"unknown stream {self.stream!r}; expected one of {STREAMS}")
         if self.min_updates < 0:
             raise ValueError(f"min_updates must be >= 0, got {self.min_updates}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"a phase's holdout must be a fraction in [0, 1), got {self.holdout}")
+        if not 0.0 < self.epoch_fraction <= 1.0:
+            raise ValueError(f"a phase's epoch_fraction must be in (0, 1], got {self.epoch_fraction}")
+
+    def epochs_of(self, epochs: int) -> int:
+        """This phase's number of epochs in a run of ``epochs`` epochs per phase."""
+        return max(1, round(epochs * self.epoch_fraction))
 
     def passes_per_epoch(self, epochs: int, steps_per_pass: int) -> int:
         if self.min_updates <= 0 or steps_per_pass <= 0:
@@ -85,6 +99,13 @@ class Method:
 
     def begin_phase(self, ctx, index: int) -> None:
         """Called when phase ``index`` starts (after re-initialisation, if any)."""
+
+    def end_epoch(self, ctx, index: int, epoch: int, metrics: dict) -> bool:
+        """Called after each epoch of phase ``index`` (``epoch`` counted from 0) with the
+        epoch's ``metrics`` (the method may add its own), before the checkpoint; return True
+        to end the phase there (e.g. an estimate phase that stops once its network stops
+        improving on the trusted data)."""
+        return False
 
     def step(self, ctx, noisy, trusted) -> torch.Tensor:
         raise NotImplementedError

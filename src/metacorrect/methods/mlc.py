@@ -85,6 +85,21 @@ from .t_update import DEFAULT_META_LR, T_UPDATES, TUpdate, project_stochastic  #
 # which is lr 0.064 on the batch mean this library uses
 RELEASED_VIRTUAL_LR = 1e-3 * 64
 
+# the estimate phase's epoch selection (MLC.end_epoch), in standard errors of the paired
+# difference of held-out losses: an epoch within SELECT_WITHIN_SE of the best can be chosen;
+# the phase stops when its last epochs are all beyond STOP_BEYOND_SE
+SELECT_WITHIN_SE, STOP_BEYOND_SE = 1.0, 2.0
+
+
+def _paired_z(losses: torch.Tensor, best: torch.Tensor) -> float:
+    """How many standard errors the mean of ``losses − best`` (paired by example) is above 0."""
+    d = losses - best
+    mean = float(d.mean())
+    se = float(d.std()) / math.sqrt(max(len(d), 1)) if len(d) > 1 else 0.0
+    if se == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / se
+
 
 @register_method
 @dataclass
@@ -102,9 +117,23 @@ class MLC(Method):
         t_warmup: fraction of the MLC phase at its start during which T is held (``None``:
             0.3 for the tested rule, 0 for the others).
         trusted_ce: add cross-entropy on the trusted batch to the actual step.
+        trusted_weight: the weight of that cross-entropy on the steps that carry it (the
+            meta steps, and every ``update_every``-th step while T is held); ``None``: 1.
         t_init: ``'identity'``, ``'glc'`` (a GLC estimate from a first phase trained on the
             noisy data; the model is then re-initialised), or a C×C matrix (``None``:
             ``'glc'`` for the tested rule, ``'identity'`` for the others).
+        estimate_epochs: with ``t_init='glc'``, the estimate phase's length as a fraction of
+            the run's epochs per phase (at least one epoch; ``None``: 1, the same as GLC's).
+        estimate_holdout, estimate_patience: with ``t_init='glc'``, which epoch of the estimate
+            phase T starts from. A fixed ``estimate_holdout`` fraction of the noisy examples is
+            kept out of that phase's training; after every epoch the network's likelihood of
+            their (noisy) labels is measured — how well its softmax estimates
+            ``P(noisy | x)``, which GLC's estimate assumes — and T starts from the GLC estimate
+            of the latest epoch within one standard error of the best (:meth:`end_epoch`).
+            The phase ends once its last ``estimate_patience`` epochs are all more than two
+            standard errors worse than the best. ``estimate_patience=0``: no selection, all
+            noisy examples, T from the last epoch's network (algorithm version 2). ``None``:
+            2 and 0.1 with ``t_init='glc'``.
         t_space: ``'probs'`` (``softmax(z)·T``) or ``'logits'`` (``z·T``, released code).
         normalise: ``'rows'`` (row-stochastic) or ``'columns'`` (released code).
         reset_each_step: restart T from the identity every iteration (released code).
@@ -137,13 +166,21 @@ class MLC(Method):
     """
 
     NAME = "mlc"
-    # 2: the tested T update (``t_update='tested'``); 1: metacorrect 0.1's rule, which every
-    # run recorded before ``t_update`` existed used
-    VERSION = 2
+    # 3: the estimate phase's epoch selected on held-out noisy examples (``estimate_patience``);
+    # 2: the tested T update (``t_update='tested'``) from the last estimate epoch; 1:
+    # metacorrect 0.1's rule, which every run recorded before ``t_update`` existed used
+    VERSION = 3
 
     @classmethod
     def algorithm_version(cls, options):
-        return 1 if (options or {}).get("t_update", "v1") == "v1" else cls.VERSION
+        options = options or {}
+        if options.get("t_update", "v1") == "v1":
+            return 1
+        if "estimate_patience" not in options:
+            return 2  # recorded before the estimate phase selected its epoch
+        # a run that starts from GLC's estimate of the last estimate epoch is version 2's algorithm
+        no_selection = options.get("t_init") == "glc" and not options["estimate_patience"]
+        return 2 if no_selection else cls.VERSION
 
     virtual_lr: float = 0.1
     meta_lr: float | None = None
@@ -152,7 +189,11 @@ class MLC(Method):
     t_warmup: float | None = None
     z_crit: float = 3.5
     trusted_ce: bool = True
+    trusted_weight: float | None = None
     t_init: Any = None
+    estimate_epochs: float | None = None
+    estimate_holdout: float | None = None
+    estimate_patience: int | None = None
     t_space: str = "probs"
     normalise: str = "rows"
     reset_each_step: bool = False
@@ -198,17 +239,43 @@ class MLC(Method):
             raise ValueError(f"mlc option t_blocks must be >= 1, got {self.t_blocks}")
         if not 0.0 <= float(self.t_warmup) < 1.0:
             raise ValueError(f"mlc option t_warmup must be a fraction in [0, 1), got {self.t_warmup}")
+        if self.trusted_weight is None:
+            self.trusted_weight = 1.0
+        if not (isinstance(self.trusted_weight, (int, float)) and math.isfinite(self.trusted_weight)
+                and self.trusted_weight > 0):
+            raise ValueError(f"mlc option trusted_weight must be a number > 0, got {self.trusted_weight!r}")
         if not self.z_crit >= 0:
             raise ValueError(f"mlc option z_crit must be >= 0, got {self.z_crit}")
         if isinstance(self.t_init, str) and self.t_init not in ("identity", "glc"):
             raise ValueError(f"mlc option t_init must be 'identity', 'glc' or a C×C matrix, got {self.t_init!r}")
-        self.phases = ((Phase("estimate", "noisy"), Phase("mlc", "paired", reinit=True))
+        if self.estimate_epochs is None:
+            self.estimate_epochs = 1.0
+        if not (isinstance(self.estimate_epochs, (int, float)) and 0 < self.estimate_epochs <= 1):
+            raise ValueError(f"mlc option estimate_epochs must be a fraction in (0, 1], got {self.estimate_epochs!r}")
+        if self.estimate_patience is None:  # an estimate phase selects its epoch (version 3)
+            self.estimate_patience = 2 if isinstance(self.t_init, str) and self.t_init == "glc" else 0
+        if isinstance(self.estimate_patience, bool) or not isinstance(self.estimate_patience, int) \
+                or self.estimate_patience < 0:
+            raise ValueError(f"mlc option estimate_patience must be an integer >= 0, got {self.estimate_patience!r}")
+        if self.estimate_holdout is None:
+            self.estimate_holdout = 0.1 if self.estimate_patience else 0.0
+        if not (isinstance(self.estimate_holdout, (int, float)) and 0 <= self.estimate_holdout < 1):
+            raise ValueError(f"mlc option estimate_holdout must be a fraction in [0, 1), got {self.estimate_holdout!r}")
+        if self.estimate_patience and not self.estimate_holdout:
+            raise ValueError("mlc option estimate_patience needs estimate_holdout > 0 (the held-out noisy examples "
+                             "it selects the epoch on)")
+        self.phases = ((Phase("estimate", "noisy", epoch_fraction=float(self.estimate_epochs),
+                              holdout=float(self.estimate_holdout) if self.estimate_patience else 0.0),
+                        Phase("mlc", "paired", reinit=True))
                        if isinstance(self.t_init, str) and self.t_init == "glc" else (Phase("mlc", "paired"),))
         self.loss_fn = CORRECTED_LOSSES[self.t_space]
         self.T: torch.Tensor | None = None
         self.updater: TUpdate | None = None
         self._updater_state: dict | None = None
         self._iteration = 0
+        # the estimate phase's epoch selection: per epoch, the held-out losses and GLC's estimate
+        self._estimates: list[dict] = []
+        self._chosen = 0
 
     def options(self) -> dict[str, Any]:
         opts = super().options()
@@ -231,15 +298,47 @@ class MLC(Method):
             if unsupported:
                 raise ValueError(f"mlc option(s) {', '.join(unsupported)} are not available in distributed "
                                  f"training (they act on one process's batch); leave them at their defaults")
-        self.updater = None
+        self.updater, self._estimates, self._chosen = None, [], 0
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp,
                                    scope=self.meta_scope, world=ctx.world)
 
+    def _trusted_estimate(self, ctx):
+        """GLC's estimate of T from the current network on the trusted set, and its accuracy there."""
+        probs, labels = ctx.predict_proba(ctx.trusted_loader)
+        T0 = glc_estimate(probs.numpy(), labels.numpy(), ctx.num_classes)
+        return T0, float((probs.argmax(1) == labels).double().mean())
+
+    def _holdout_losses(self, ctx) -> torch.Tensor:
+        """The network's negative log-likelihood of each held-out noisy example's label."""
+        probs, labels = ctx.predict_proba(ctx.holdout_loader)
+        return -probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log()[:, 0]
+
+    def end_epoch(self, ctx, index, epoch, metrics):
+        """The estimate phase's epoch selection (``estimate_patience``): the latest epoch whose
+        held-out likelihood is within one standard error of the best epoch's (paired over the
+        held-out examples) — on a plateau the longer-trained, more confident network, whose
+        estimate is sharper; the phase stops once its last ``estimate_patience`` epochs are
+        all clearly worse than the best (more than two standard errors: overfitting)."""
+        if self.phases[index].name != "estimate" or not self.estimate_patience or ctx.holdout_loader is None:
+            return False
+        losses = self._holdout_losses(ctx)
+        T0, acc = self._trusted_estimate(ctx)
+        metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
+        self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32)})
+        best = min(self._estimates, key=lambda e: float(e["losses"].mean()))
+        z = [_paired_z(e["losses"], best["losses"]) for e in self._estimates]
+        self._chosen = max(i for i, zi in enumerate(z) if zi <= SELECT_WITHIN_SE)
+        metrics["estimate_epoch"] = self._estimates[self._chosen]["epoch"] + 1
+        patience = int(self.estimate_patience)
+        return len(z) > patience and all(zi > STOP_BEYOND_SE for zi in z[-patience:])
+
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "mlc" and len(self.phases) == 2:
-            probs, labels = ctx.predict_proba(ctx.trusted_loader)
-            T0 = glc_estimate(probs.numpy(), labels.numpy(), ctx.num_classes)
-            self.T = torch.tensor(T0, dtype=torch.float32, device=ctx.device)
+            if self._estimates:
+                T0 = self._estimates[self._chosen]["T"]  # GLC's estimate at the selected epoch
+            else:
+                T0 = torch.tensor(self._trusted_estimate(ctx)[0], dtype=torch.float32)
+            self.T = T0.to(ctx.device)
             self.T_start = self.T.clone()
 
     def _phase_steps(self, ctx) -> int:
@@ -279,8 +378,7 @@ class MLC(Method):
             # corrected loss with the current T (and the trusted batch's cross-entropy while T waits)
             loss = self.loss_fn(ctx.model(x_n), y_n, self.T)
             loss_c = F.cross_entropy(ctx.model(x_c), y_c) if meta_now and self.trusted_ce else None
-            ctx.optimizer_step(loss, loss_c)
-            return ctx.reported(loss, loss_c)
+            return self._actual_step(ctx, loss, loss_c)
         if self.meta_batch is not None and int(self.meta_batch) < len(y_c):
             x_m, y_m = x_c[:int(self.meta_batch)], y_c[:int(self.meta_batch)]
         else:
@@ -289,9 +387,15 @@ class MLC(Method):
         result = self.engine(self.loss_fn, (self.T,), x_n, y_n, x_m, y_m, **distributed)
         T_old = self.T
         self.T = self._updater(ctx).step(self.T, result.hypergrads[0])
-        if self.reuse_virtual_grad and result.virtual_grads is not None:
-            # approximation: the noisy part of the actual step is the virtual step's gradient
-            # (T_old); a linear surrogate ⟨w, g⟩ hands it to the optimizer through backward
+        # The noisy part of the actual step is ∇_w L_noisy(w, T_new). Where the update left T
+        # as it was (the tested rule moves T only at the end of a block, ~100 times a run),
+        # that is the virtual step's gradient, already computed: reusing it is exact and
+        # saves a backward pass (in one process; distributed, the virtual gradient is
+        # already summed over the ranks, so the step recomputes it). ``reuse_virtual_grad``
+        # reuses it also where T moved: an approximation, off by default.
+        unchanged = not ctx.world.active and torch.equal(self.T, T_old)
+        if (self.reuse_virtual_grad or unchanged) and result.virtual_grads is not None:
+            # a linear surrogate ⟨w, g⟩ hands the gradient g to the optimizer through backward
             params = [p for p in ctx.model.parameters() if p.requires_grad]
             value = self.loss_fn(result.noisy_logits.detach(), y_n, T_old)
             loss = sum((p * g).sum() for p, g in zip(params, result.virtual_grads) if g is not None)
@@ -299,9 +403,15 @@ class MLC(Method):
         else:
             loss = self.loss_fn(result.noisy_logits, y_n, self.T)
         loss_c = F.cross_entropy(ctx.model(x_c), y_c) if self.trusted_ce else None
-        ctx.optimizer_step(loss, loss_c)
+        reported = self._actual_step(ctx, loss, loss_c)
         if ctx.world.active and self.updater.count % 100 == 1:
             ctx.world.check_identical(self.T, "MLC's T")  # every replica must hold the same T
+        return reported
+
+    def _actual_step(self, ctx, loss, loss_c):
+        """The optimizer step on the noisy loss plus the weighted trusted cross-entropy."""
+        weighted = None if loss_c is None or self.trusted_weight == 1 else loss_c * float(self.trusted_weight)
+        ctx.optimizer_step(loss, loss_c if weighted is None else weighted)
         return ctx.reported(loss, loss_c)
 
     def estimated_T(self):
@@ -309,11 +419,13 @@ class MLC(Method):
 
     def state_dict(self):
         return {"T": None if self.T is None else self.T.detach().cpu(), "iteration": self._iteration,
-                "t_update": None if self.updater is None else self.updater.state_dict()}
+                "t_update": None if self.updater is None else self.updater.state_dict(),
+                "estimates": self._estimates, "chosen": self._chosen}
 
     def load_state_dict(self, state):
         if state.get("T") is not None:
             self.T = state["T"].to(self.T.device if self.T is not None else "cpu")
         self._iteration = state.get("iteration", 0)
+        self._estimates, self._chosen = list(state.get("estimates", [])), int(state.get("chosen", 0))
         self.updater, self._updater_state = None, state.get("t_update")
 
