@@ -247,8 +247,14 @@ def goal_line(case: str, rows: list[dict]) -> str:
     best = max(r["f1"] for r in cl)
     ratio = ours_r["train_seconds"] / max(cl[0]["train_seconds"], 1e-9)
     ok = ours_r["f1"] >= best and ratio <= 0.5
+    if case.startswith("beyond:"):
+        verdict = "beyond cleanlab's assumptions, reported apart (the goal is for the diagonal-dominant cases)"
+    else:
+        parts = [("F1", ours_r["f1"] >= best), ("time", ratio <= 0.5)]
+        missed = [name for name, good in parts if not good]
+        verdict = "goal met" if ok else f"goal NOT met ({' and '.join(missed)})"
     return (f"- {case}: default F1 {ours_r['f1']:.3f} vs cleanlab's best {best:.3f}; training time "
-            f"{ratio:.2f}× cleanlab's — goal {'met' if ok else 'NOT met'}")
+            f"{ratio:.2f}× cleanlab's — {verdict}")
 
 
 def read_results(path: Path) -> list[dict]:
