@@ -93,6 +93,13 @@ def test_tested_rule_state_resumes_bit_exactly():
     assert torch.equal(T, T_full) and not torch.equal(T_full, torch.eye(3))
 
 
+def test_a_switch_given_as_a_string_is_refused_not_read_as_true():
+    # "False" from a command line or a variant list must not switch trusted cross-entropy on
+    with pytest.raises(ValueError, match="option trusted_ce must be true or false, got 'False'"):
+        create_method("mlc", trusted_ce="False")
+    assert create_method("mlc", trusted_ce=False).trusted_ce is False
+
+
 @pytest.mark.parametrize("options, message", [
     ({"meta_lr": 0}, "meta_lr must be a number > 0"),
     ({"meta_lr": -0.1}, "meta_lr must be a number > 0"),

@@ -32,6 +32,11 @@ def create_method(name: str, **options) -> Method:
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; "
                          f"its options are: {', '.join(sorted(valid)) or 'none'}")
+    # a switch must be given as one: the string "False" would switch it on
+    switches = {f.name for f in dataclasses.fields(cls) if f.init and isinstance(f.default, bool)}
+    for key in sorted(switches & set(options)):
+        if not isinstance(options[key], bool):
+            raise ValueError(f"method {name!r} option {key} must be true or false, got {options[key]!r}")
     return cls(**options)
 
 
