@@ -152,7 +152,9 @@ class MLC(Method):
             The phase ends once its last ``estimate_patience`` epochs are all more than two
             standard errors worse than the best. ``estimate_patience=0``: no selection, all
             noisy examples, T from the last epoch's network (algorithm version 2). ``None``:
-            2 and 0.1 with ``t_init='glc'``.
+            2 and 0.1 with ``t_init='glc'``. The hold-out needs in-memory data
+            (``TensorBatchLoader``); with streamed data (Clothing1M) the phase trains on every
+            noisy example and T starts from its last epoch, with a warning.
         t_space: ``'probs'`` (``softmax(z)·T``) or ``'logits'`` (``z·T``, released code).
         normalise: ``'rows'`` (row-stochastic) or ``'columns'`` (released code).
         reset_each_step: restart T from the identity every iteration (released code).
