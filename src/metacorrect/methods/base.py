@@ -103,8 +103,8 @@ class Method:
     def end_epoch(self, ctx, index: int, epoch: int, metrics: dict) -> bool:
         """Called after each epoch of phase ``index`` (``epoch`` counted from 0) with the
         epoch's ``metrics`` (the method may add its own), before the checkpoint; return True
-        to end the phase there (e.g. an estimate phase that stops once its network stops
-        improving on the trusted data)."""
+        to end the phase there (e.g. MLC's estimate phase, which stops once its network
+        overfits the noisy labels of held-out examples)."""
         return False
 
     def step(self, ctx, noisy, trusted) -> torch.Tensor:

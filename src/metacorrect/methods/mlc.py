@@ -296,7 +296,6 @@ class MLC(Method):
         self._iteration = 0
         # the estimate phase's epoch selection: per epoch, the held-out losses and GLC's estimate
         self._estimates: list[dict] = []
-        self._chosen = 0
 
     def options(self) -> dict[str, Any]:
         opts = super().options()
@@ -319,7 +318,7 @@ class MLC(Method):
             if unsupported:
                 raise ValueError(f"mlc option(s) {', '.join(unsupported)} are not available in distributed "
                                  f"training (they act on one process's batch); leave them at their defaults")
-        self.updater, self._estimates, self._chosen = None, [], 0
+        self.updater, self._estimates = None, []
         self.engine = MetaGradient(ctx.model, self.virtual_lr, mode=self.meta_mode, jvp=self.meta_jvp,
                                    scope=self.meta_scope, world=ctx.world)
 
@@ -346,17 +345,25 @@ class MLC(Method):
         T0, acc = self._trusted_estimate(ctx)
         metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
         self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32)})
-        best = min(self._estimates, key=lambda e: float(e["losses"].mean()))
-        z = [_paired_z(e["losses"], best["losses"]) for e in self._estimates]
-        self._chosen = max(i for i, zi in enumerate(z) if zi <= SELECT_WITHIN_SE)
-        metrics["estimate_epoch"] = self._estimates[self._chosen]["epoch"] + 1
+        z = self._z_from_best()
+        metrics["estimate_epoch"] = self._selected(z)["epoch"] + 1
         patience = int(self.estimate_patience)
         return len(z) > patience and all(zi > STOP_BEYOND_SE for zi in z[-patience:])
+
+    def _z_from_best(self) -> list[float]:
+        """Each estimate epoch's held-out loss above the best epoch's, in standard errors."""
+        best = min(self._estimates, key=lambda e: float(e["losses"].mean()))
+        return [_paired_z(e["losses"], best["losses"]) for e in self._estimates]
+
+    def _selected(self, z: list[float] | None = None) -> dict:
+        """The estimate epoch T starts from: the latest within SELECT_WITHIN_SE of the best."""
+        z = self._z_from_best() if z is None else z
+        return self._estimates[max(i for i, zi in enumerate(z) if zi <= SELECT_WITHIN_SE)]
 
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "mlc" and len(self.phases) == 2:
             if self._estimates:
-                T0 = self._estimates[self._chosen]["T"]  # GLC's estimate at the selected epoch
+                T0 = self._selected()["T"]  # GLC's estimate at the selected epoch
             else:
                 T0 = torch.tensor(self._trusted_estimate(ctx)[0], dtype=torch.float32)
             self.T = T0.to(ctx.device)
@@ -431,8 +438,8 @@ class MLC(Method):
 
     def _actual_step(self, ctx, loss, loss_c):
         """The optimizer step on the noisy loss plus the weighted trusted cross-entropy."""
-        weighted = None if loss_c is None or self.trusted_weight == 1 else loss_c * float(self.trusted_weight)
-        ctx.optimizer_step(loss, loss_c if weighted is None else weighted)
+        weight = float(self.trusted_weight)
+        ctx.optimizer_step(loss, loss_c if loss_c is None or weight == 1 else weight * loss_c)
         return ctx.reported(loss, loss_c)
 
     def estimated_T(self):
@@ -441,12 +448,12 @@ class MLC(Method):
     def state_dict(self):
         return {"T": None if self.T is None else self.T.detach().cpu(), "iteration": self._iteration,
                 "t_update": None if self.updater is None else self.updater.state_dict(),
-                "estimates": self._estimates, "chosen": self._chosen}
+                "estimates": self._estimates}
 
     def load_state_dict(self, state):
         if state.get("T") is not None:
             self.T = state["T"].to(self.T.device if self.T is not None else "cpu")
         self._iteration = state.get("iteration", 0)
-        self._estimates, self._chosen = list(state.get("estimates", [])), int(state.get("chosen", 0))
+        self._estimates = list(state.get("estimates", []))
         self.updater, self._updater_state = None, state.get("t_update")
 
