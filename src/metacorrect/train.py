@@ -233,6 +233,7 @@ class FitResult:
     history: list[dict]
     method: Method
     wall_s: float
+    cpu_s: float = 0.0  # process CPU time of the training (all its threads), resumed parts included
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -378,7 +379,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     ``METACORRECT_KEEP_DENORMALS=1``): optimizer states that decay into subnormals made
     steps about 20× slower.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     device = resolve_device(device)
     if T_true is not None:
         T_true = check_transition_matrix(T_true, "T_true")
@@ -429,7 +430,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
     history: list[dict] = []
     first_phase, first_epoch = 0, 0
     resumed_scheduler = None
-    elapsed_before = 0.0
+    elapsed_before = cpu_before = 0.0
     global_step = 0
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and resume and ckpt.exists():
@@ -451,6 +452,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
         history = state["history"]
         first_phase, first_epoch = state["phase"], state["epoch"]
         elapsed_before = state.get("elapsed", 0.0)
+        cpu_before = state.get("cpu_elapsed", 0.0)
         global_step = state.get("global_step", 0)
         resumed_scheduler = state.get("scheduler")
 
@@ -542,14 +544,16 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, noisy_loader: Iterab
                     "interleave": interleave_gen.get_state(), "loaders": {k: g.get_state() for k, g in gens.items()},
                     "initial_model": ctx._initial_model, "initial_optimizer": ctx._initial_optimizer,
                     "history": history, "global_step": global_step,
-                    "elapsed": elapsed_before + time.perf_counter() - start})
+                    "elapsed": elapsed_before + time.perf_counter() - start,
+                    "cpu_elapsed": cpu_before + time.process_time() - cpu_start})
             if ends_phase:
                 break
         first_epoch = 0
     restore_forward()
     T_final = method.estimated_T()
     return FitResult(model=model, T=None if T_final is None else _as_stochastic(T_final), history=history,
-                     method=method, wall_s=elapsed_before + time.perf_counter() - start)
+                     method=method, wall_s=elapsed_before + time.perf_counter() - start,
+                     cpu_s=cpu_before + time.process_time() - cpu_start)
 
 
 def _as_stochastic(T: np.ndarray) -> np.ndarray:

@@ -29,13 +29,14 @@ from typing import Callable
 
 import numpy as np
 
-from .run_folder import RunFolder, RunFolderError, load_model, predict_examples
+from .run_folder import RunFolder, RunFolderError, load_model, predict_examples, training_seconds
 
 
 @dataclass
 class CrossFit:
     """``probs``: ``N × C`` out-of-sample softmax, rows in the run's ``noisy_idx`` order;
-    ``fold``: ``N`` fold of each example; ``train_seconds``: the folds' training time, summed;
+    ``fold``: ``N`` fold of each example; ``train_seconds``: the folds' training time
+    (:func:`~.run_folder.training_seconds`), summed;
     ``folder``: ``RUN_DIR/crossfit-K``."""
 
     probs: np.ndarray
@@ -91,7 +92,7 @@ def crossfit_probs(run: RunFolder, folds: int, *, device: str = "auto",
         fold_dir = folder / f"fold-{k}"
         summary = run_experiment(config, fold_dir, resume=True, dataset=run.dataset, exclude=run.noisy_idx[held],
                                  progress=progress)
-        seconds += float(summary.get("wall_s") or 0.0)
+        seconds += training_seconds(summary) or 0.0
         cached = fold_dir / "heldout.npz"
         p = None
         if cached.exists():

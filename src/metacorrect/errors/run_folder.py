@@ -64,6 +64,14 @@ def check_noise_model(method: str, options: dict | None, where: str = "the run")
                              f"confusion, forward, forward_gold")
 
 
+def training_seconds(summary: dict) -> float | None:
+    """A run's training time from its ``summary.json``: the process CPU time (``cpu_s``) where
+    recorded — with one torch thread that is the training's own cost, whatever else the
+    machine was running — else the wall time (runs from before ``cpu_s`` existed)."""
+    seconds = summary.get("cpu_s", summary.get("wall_s"))
+    return None if seconds is None else float(seconds)
+
+
 @dataclass
 class RunFolder:
     """A loaded, checked run folder (see :func:`load_run`).
@@ -95,7 +103,7 @@ class RunFolder:
 
     @property
     def train_seconds(self) -> float | None:
-        return self.summary.get("wall_s")
+        return training_seconds(self.summary)
 
     def source_index(self) -> np.ndarray:
         """``N``: each scored example's row in the user's own data (module docstring)."""

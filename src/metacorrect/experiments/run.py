@@ -8,7 +8,7 @@ A run folder holds:
 * ``labels.npz``    — the split and the noisy labels training saw (reproducibility);
 * ``metrics.jsonl`` — one JSON object per epoch (``epoch``, ``test_acc`` in [0, 1],
   ``val_acc`` when a validation split exists, ``t_error`` when the true T is known, …);
-* ``summary.json``  — ``method``, ``final_test_acc``, ``t_error``, ``wall_s``, …;
+* ``summary.json``  — ``method``, ``final_test_acc``, ``t_error``, ``wall_s``, ``cpu_s`` (process CPU time), …;
 * ``T.npy`` / ``T.txt`` — the learned or estimated T (``T[i, j] = P(noisy=j | true=i)``)
   beside the true one when known;
 * ``checkpoint.pt`` — model, optimizer, scheduler, method state and RNG states, after
@@ -353,7 +353,7 @@ def run_experiment(config: RunConfig, out_dir: str | os.PathLike, *, resume: boo
     summary = {"method": config.method, "dataset": config.dataset, "noise": problem.description["noise"],
                "strength": config.strength, "trusted": config.trusted, "seed": config.seed,
                "final_test_acc": last.get("test_acc"), "final_val_acc": last.get("val_acc"),
-               "t_error": last.get("t_error"), "wall_s": result.wall_s,
+               "t_error": last.get("t_error"), "wall_s": result.wall_s, "cpu_s": result.cpu_s,
                "epochs": len(result.history), "fingerprint": fingerprint, "world_size": world.size}
     if main:
         _write_outputs(out, result, problem, dataset, config, model_name, model_options, model, summary)
