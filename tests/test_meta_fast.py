@@ -17,7 +17,7 @@ from metacorrect.methods import create_method
 from metacorrect.methods.losses import forward_corrected_loss, logit_corrected_loss
 from metacorrect.methods.t_update import project_stochastic
 from metacorrect.models import create_model
-from metacorrect.train import TrainContext
+from metacorrect.train import TensorBatchLoader, TrainContext
 
 C = 4
 ROUTES = ["forward", "reverse"]
@@ -361,9 +361,31 @@ def test_mlc_meta_step_that_leaves_T_unchanged_takes_the_exact_step(meta_mode, t
         assert any(not torch.allclose(w, o, rtol=1e-6) for w, o in zip(want, other))
 
 
+def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one():
+    # 'balanced': weight update_every · n_trusted / n_noisy (here 2 · 30 / 120 = 0.5), the
+    # size of the sets read from the loaders; the step is the exact step with that weight
+    torch.manual_seed(12)
+    model = tiny_mlp().double()
+    before = copy.deepcopy(model)
+    ctx = _mlc_ctx(model)
+    ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
+    ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), torch.zeros(30, dtype=torch.long), 12)
+    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="balanced")
+    mlc.setup(ctx)
+    mlc.T = (0.8 * torch.eye(C) + 0.2 / C).double()
+    T_old = mlc.T.clone()
+    xn, yn = batch((6,), 12, 1)
+    xc, yc = batch((6,), 12, 2)
+    mlc.step(ctx, (xn, yn), (xc, yc))
+    assert torch.equal(mlc.T, T_old)
+    want = _expected_update(before, T_old, xn, yn, xc, yc, 0.05, trusted_weight=0.5)
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
+
+
 def test_mlc_rejects_a_bad_trusted_weight():
-    for bad in (0, -1.0, float("nan"), "5"):
-        with pytest.raises(ValueError, match="trusted_weight must be a number > 0"):
+    for bad in (0, -1.0, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="trusted_weight must be a number > 0 or 'balanced'"):
             create_method("mlc", trusted_weight=bad)
 
 

@@ -114,6 +114,23 @@ def test_model_output_width_must_match_the_classes():
             device="cpu")
 
 
+def test_split_parts_are_views_that_batch_as_copies_would():
+    # TensorBatchLoader.split sets a fraction apart without copying the tensors; each part
+    # draws exactly the batches a loader over copies of its rows would (shuffled and in order)
+    x, y = torch.randn(50, 4), torch.arange(50) % 3
+    kept, held = TensorBatchLoader(x, y, 8, seed=3).split(0.2, seed=11)
+    assert kept.x is x and held.x is x  # views: the rows are indices into the same tensors
+    assert (kept.num_examples, held.num_examples, len(kept), len(held)) == (40, 10, 5, 2)
+    rows = torch.cat([kept.rows, held.rows]).sort().values
+    assert torch.equal(rows, torch.arange(50))  # the two parts cover every example once
+    for part, shuffle, seed in ((kept, True, 12), (held, False, 0)):
+        copy_ = TensorBatchLoader(x[part.rows], y[part.rows], 8, shuffle=shuffle, seed=seed)
+        for (xa, ya), (xb, yb) in zip(part, copy_, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    again, _ = kept.split(0.5, seed=1)  # a part of a part: rows of the original tensors
+    assert again.x is x and set(again.rows.tolist()) <= set(kept.rows.tolist())
+
+
 def test_empty_loader_is_refused():
     noisy, _ = _loaders()
     empty = TensorBatchLoader(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 8)
@@ -295,7 +312,7 @@ def test_mlc_estimate_patience_stops_the_estimate_phase_and_starts_T_from_its_be
 
     class Scripted(MLC):
         def _holdout_losses(self, ctx):
-            assert len(ctx.holdout_loader.y) == 5  # estimate_holdout=0.1 of the 50 noisy examples
+            assert ctx.holdout_loader.num_examples == 5  # estimate_holdout=0.1 of the 50 noisy examples
             return script[ctx.epoch_in_phase]
 
         def _trusted_estimate(self, ctx):

@@ -110,6 +110,14 @@ RELEASED_VIRTUAL_LR = 1e-3 * 64
 SELECT_WITHIN_SE, STOP_BEYOND_SE = 1.0, 2.0
 
 
+def _examples(loader) -> int:
+    """The number of examples a loader draws from: ``num_examples`` where it knows it
+    (``TensorBatchLoader``; distributed, all ranks'), else its batches times its batch size."""
+    if hasattr(loader, "num_examples"):
+        return int(loader.num_examples)
+    return len(loader) * int(getattr(loader, "batch_size", 1) or 1)
+
+
 def _paired_z(losses: torch.Tensor, best: torch.Tensor) -> float:
     """How many standard errors the mean of ``losses − best`` (paired by example) is above 0."""
     d = losses - best
@@ -138,6 +146,9 @@ class MLC(Method):
         trusted_ce: add cross-entropy on the trusted batch to the actual step.
         trusted_weight: the weight of that cross-entropy on the steps that carry it (the
             meta steps, and every ``update_every``-th step while T is held); ``None``: 1.
+            ``'balanced'``: ``update_every · n_trusted / n_noisy``, which gives each trusted
+            example the weight of a noisy one over an epoch, as GLC's phase 2 does (the
+            trusted batches carry a ``1/update_every`` share of the steps, each a batch mean).
         t_init: ``'identity'``, ``'glc'`` (a GLC estimate from a first phase trained on the
             noisy data; the model is then re-initialised), or a C×C matrix (``None``:
             ``'glc'`` for the tested rule, ``'identity'`` for the others).
@@ -262,9 +273,11 @@ class MLC(Method):
             raise ValueError(f"mlc option t_warmup must be a fraction in [0, 1), got {self.t_warmup}")
         if self.trusted_weight is None:
             self.trusted_weight = 1.0
-        if not (isinstance(self.trusted_weight, (int, float)) and math.isfinite(self.trusted_weight)
-                and self.trusted_weight > 0):
-            raise ValueError(f"mlc option trusted_weight must be a number > 0, got {self.trusted_weight!r}")
+        if self.trusted_weight != "balanced" and not (
+                isinstance(self.trusted_weight, (int, float)) and not isinstance(self.trusted_weight, bool)
+                and math.isfinite(self.trusted_weight) and self.trusted_weight > 0):
+            raise ValueError(f"mlc option trusted_weight must be a number > 0 or 'balanced', "
+                             f"got {self.trusted_weight!r}")
         if not self.z_crit >= 0:
             raise ValueError(f"mlc option z_crit must be >= 0, got {self.z_crit}")
         if isinstance(self.t_init, str) and self.t_init not in ("identity", "glc"):
@@ -436,9 +449,17 @@ class MLC(Method):
             ctx.world.check_identical(self.T, "MLC's T")  # every replica must hold the same T
         return reported
 
+    def _trusted_weight(self, ctx) -> float:
+        """The trusted cross-entropy's weight (``trusted_weight``; ``'balanced'`` from the
+        sizes of the two sets)."""
+        if self.trusted_weight != "balanced":
+            return float(self.trusted_weight)
+        n_noisy, n_trusted = _examples(ctx.noisy_loader), _examples(ctx.trusted_loader)
+        return int(self.update_every) * n_trusted / max(n_noisy, 1)
+
     def _actual_step(self, ctx, loss, loss_c):
         """The optimizer step on the noisy loss plus the weighted trusted cross-entropy."""
-        weight = float(self.trusted_weight)
+        weight = self._trusted_weight(ctx)
         ctx.optimizer_step(loss, loss_c if loss_c is None or weight == 1 else weight * loss_c)
         return ctx.reported(loss, loss_c)
 
