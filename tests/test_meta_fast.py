@@ -3,6 +3,7 @@ equal the generic autograd ones, dropout is replayed, the fallbacks trigger wher
 must, and MLC's amortisation options do what they say."""
 
 import copy
+import math
 import logging
 
 import pytest
@@ -383,9 +384,42 @@ def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one(
         assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
 
 
+def test_label_information_share_has_its_closed_forms():
+    from metacorrect.methods.mlc import label_information_share
+    prior = torch.tensor([0.2, 0.3, 0.5])
+    assert label_information_share(torch.eye(3), prior) == pytest.approx(1.0)  # a clean label: all of it
+    assert label_information_share(torch.full((3, 3), 1 / 3), prior) == pytest.approx(0.0, abs=1e-12)
+    # a binary symmetric channel with flip rate 0.2, balanced classes: 1 − H(0.2) / log 2
+    eps = 0.2
+    h = -(eps * math.log(eps) + (1 - eps) * math.log(1 - eps))
+    T = torch.tensor([[1 - eps, eps], [eps, 1 - eps]])
+    assert label_information_share(T, torch.tensor([0.5, 0.5])) == pytest.approx(1 - h / math.log(2))
+    # a permutation loses nothing: the noisy label names the class as well as the clean one
+    assert label_information_share(torch.eye(3)[[1, 2, 0]], prior) == pytest.approx(1.0)
+
+
+def test_mlc_information_trusted_weight_divides_the_balanced_one_by_the_share():
+    from metacorrect.methods.mlc import label_information_share
+    torch.manual_seed(12)
+    model = tiny_mlp().double()
+    ctx = _mlc_ctx(model)
+    y_trusted = torch.arange(30) % C
+    ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
+    ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), y_trusted, 12)
+    for T_start, expected in ((torch.eye(C), 0.5), (0.5 * torch.eye(C) + 0.5 / C, None)):
+        mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="information")
+        mlc.setup(ctx)
+        mlc.T_start = T_start
+        share = label_information_share(T_start, torch.bincount(y_trusted, minlength=C).double() / 30)
+        want = 0.5 / share if expected is None else expected  # balanced 2 · 30 / 120 = 0.5
+        assert mlc._trusted_weight(ctx) == pytest.approx(min(1.0, want))
+    assert 0.5 < mlc._trusted_weight(ctx) <= 1.0  # noisier labels: the trusted examples weigh more
+    assert mlc.state_dict()["trusted_weight"] == mlc._trusted_weight(ctx)  # kept for a resume
+
+
 def test_mlc_rejects_a_bad_trusted_weight():
     for bad in (0, -1.0, float("nan"), "5", True):
-        with pytest.raises(ValueError, match="trusted_weight must be a number > 0 or 'balanced'"):
+        with pytest.raises(ValueError, match="trusted_weight must be a number > 0, 'balanced' or 'information'"):
             create_method("mlc", trusted_weight=bad)
 
 
