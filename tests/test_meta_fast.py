@@ -347,19 +347,27 @@ def test_mlc_meta_step_that_leaves_T_unchanged_takes_the_exact_step(meta_mode, t
     ctx = _mlc_ctx(model)
     mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=1, meta_mode=meta_mode,
                         trusted_weight=trusted_weight)
+    want, (T_old, xn, yn, xc, yc) = _assert_mid_block_step_is_exact(ctx, before, mlc, trusted_weight)
+    assert mlc.updater.count == 1  # mid-block: evidence gathered, T kept
+    if trusted_weight != 1.0:  # the weight acts: the unweighted step is elsewhere
+        other = _expected_update(before, T_old, xn, yn, xc, yc, 0.05)
+        assert any(not torch.allclose(w, o, rtol=1e-6) for w, o in zip(want, other))
+
+
+def _assert_mid_block_step_is_exact(ctx, before, mlc, trusted_weight):
+    """One step of ``mlc`` from a T mid-block: T stays and the model (``before`` it) takes
+    the exact step with that T and the trusted cross-entropy at ``trusted_weight``."""
     mlc.setup(ctx)
     mlc.T = (0.8 * torch.eye(C) + 0.2 / C).double()
     T_old = mlc.T.clone()
     xn, yn = batch((6,), 12, 1)
     xc, yc = batch((6,), 12, 2)
     mlc.step(ctx, (xn, yn), (xc, yc))
-    assert torch.equal(mlc.T, T_old) and mlc.updater.count == 1  # mid-block: evidence gathered, T kept
+    assert torch.equal(mlc.T, T_old)
     want = _expected_update(before, T_old, xn, yn, xc, yc, 0.05, trusted_weight=trusted_weight)
-    for p, w in zip(model.parameters(), want):
+    for p, w in zip(ctx.model.parameters(), want):
         assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
-    if trusted_weight != 1.0:  # the weight acts: the unweighted step is elsewhere
-        other = _expected_update(before, T_old, xn, yn, xc, yc, 0.05)
-        assert any(not torch.allclose(w, o, rtol=1e-6) for w, o in zip(want, other))
+    return want, (T_old, xn, yn, xc, yc)
 
 
 def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one():
@@ -372,16 +380,7 @@ def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one(
     ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
     ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), torch.zeros(30, dtype=torch.long), 12)
     mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="balanced")
-    mlc.setup(ctx)
-    mlc.T = (0.8 * torch.eye(C) + 0.2 / C).double()
-    T_old = mlc.T.clone()
-    xn, yn = batch((6,), 12, 1)
-    xc, yc = batch((6,), 12, 2)
-    mlc.step(ctx, (xn, yn), (xc, yc))
-    assert torch.equal(mlc.T, T_old)
-    want = _expected_update(before, T_old, xn, yn, xc, yc, 0.05, trusted_weight=0.5)
-    for p, w in zip(model.parameters(), want):
-        assert torch.allclose(p.detach(), w, rtol=1e-10, atol=1e-12)
+    _assert_mid_block_step_is_exact(ctx, before, mlc, 0.5)
 
 
 def test_label_information_share_has_its_closed_forms():
