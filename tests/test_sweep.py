@@ -147,10 +147,10 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     # a setting the record lacks (added to RunConfig later) counts as its default
     with store.transaction() as con:
         for r in store.rows():
-            cfg_d = json.loads(r["config_json"])
+            cfg_d = load_json(r["config_json"])
             cfg_d.pop("validation")
             con.execute("UPDATE runs SET config_json = ?, fingerprint = 'old' WHERE run_id = ?",
-                        (json.dumps(cfg_d), r["run_id"]))
+                        (json.dumps(cfg_d), r["run_id"]))  # as plain text, as older versions stored it
     assert store.register(specs)["changed"] == 0
     # asking explicitly for the option value a finished run resolved is the same run; pending runs
     # simply take new settings
@@ -177,8 +177,8 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     with store.transaction() as con:
         con.execute("UPDATE runs SET resolved_json = ?, config_json = ?, fingerprint = 'then' WHERE run_id = ?",
                     (_json.dumps({"method_options": then}),
-                     _json.dumps({**_json.loads(con.execute("SELECT config_json FROM runs WHERE run_id = ?",
-                                                            (b["run_id"],)).fetchone()[0]), "method_options": {}}),
+                     _json.dumps({**load_json(con.execute("SELECT config_json FROM runs WHERE run_id = ?",
+                                                          (b["run_id"],)).fetchone()[0]), "method_options": {}}),
                      b["run_id"]))
     plain = load_sweep_config(write(tmp_path, TINY, "e.toml")).runs()
     with pytest.raises(ValueError, match="1 run"):
@@ -200,25 +200,35 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     other.close()
 
 
-def test_compact_rounds_T_and_epoch_floats_and_leaves_a_self_contained_small_file(tmp_path):
+def test_compact_repacks_old_rows_rounds_them_and_leaves_a_self_contained_small_file(tmp_path):
+    import zlib
     specs = load_sweep_config(write(tmp_path, TINY)).runs()
     store = ResultsStore(tmp_path / DB_NAME, create=True)
     store.register(specs)
     run = store.claim("a")
     T_hat = [[0.1 + 1e-12 * i + 1 / 3 for i in range(3)] for _ in range(3)]
-    epochs = [{"epoch": 1, "train_loss": 2 / 3, "test_acc": 0.5, "phase": "train"}]
-    with store.transaction() as con:  # a row recorded before the rounding
-        con.execute("UPDATE runs SET epochs_json = ?, T_hat_json = ? WHERE run_id = ?",
-                    (json.dumps(epochs), json.dumps(T_hat), run["run_id"]))
-    before = len(store.con.execute("SELECT T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0])
+    epochs = [{"epoch": 1, "train_loss": 2 / 3, "test_acc": 0.5, "phase": "train", "epoch_s": 1.23456789}]
+    versions = {"python": "3.11.7", "torch": "2.13.0+cpu"}
+    config = load_json(run["config_json"])
+    with store.transaction() as con:  # a row as older versions stored it: plain text, or zlib without a dictionary
+        con.execute("UPDATE runs SET epochs_json = ?, T_hat_json = ?, versions_json = ?, config_json = ? "
+                    "WHERE run_id = ?", (json.dumps(epochs), zlib.compress(json.dumps(T_hat).encode()),
+                                         json.dumps(versions), json.dumps(config), run["run_id"]))
+    before = len(json.dumps(T_hat))
     store.compact()
-    row = store.con.execute("SELECT epochs_json, T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()
-    assert isinstance(row["T_hat_json"], bytes)  # packed
-    assert load_json(row["T_hat_json"]) == [[0.4333333] * 3] * 3 and len(row["T_hat_json"]) < 0.3 * before
-    assert load_json(row["epochs_json"]) == [{"epoch": 1, "train_loss": 0.6666667, "test_acc": 0.5, "phase": "train"}]
-    packed = row["T_hat_json"]
+    row = store.con.execute("SELECT epochs_json, T_hat_json, versions_json, config_json FROM runs WHERE run_id = ?",
+                            (run["run_id"],)).fetchone()
+    assert all(isinstance(row[c], bytes) for c in row.keys())  # packed
+    assert load_json(row["T_hat_json"]) == [[0.43333] * 3] * 3 and len(row["T_hat_json"]) < 0.3 * before
+    assert load_json(row["epochs_json"]) == [{"epoch": 1, "train_loss": 0.6666667, "test_acc": 0.5, "phase": "train",
+                                              "epoch_s": 1.235}]
+    assert load_json(row["versions_json"]) == versions and load_json(row["config_json"]) == config
+    packed = dict(row)
     store.compact()  # a packed row is left as it is
-    assert store.con.execute("SELECT T_hat_json FROM runs WHERE run_id = ?", (run["run_id"],)).fetchone()[0] == packed
+    assert dict(store.con.execute("SELECT epochs_json, T_hat_json, versions_json, config_json FROM runs "
+                                  "WHERE run_id = ?", (run["run_id"],)).fetchone()) == packed
+    # the sweep still reads its configuration from the packed column: registering again changes nothing
+    assert store.register(specs) == {"new": 0, "changed": 0, "existing": len(specs)}
     store.close()
     wal = tmp_path / (DB_NAME + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0  # everything is in the database file itself

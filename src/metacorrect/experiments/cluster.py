@@ -40,7 +40,6 @@ silently leaving GPUs idle.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -378,7 +377,7 @@ def run_cluster_sweep(config, out_dir: str | os.PathLike, options: ClusterOption
     """Submit (``slurm``) or run (``local``) every run of ``config`` not done yet as submitit
     jobs; return the database's counts (and, for ``slurm``, what was submitted)."""
     from ..progress import RunsProgress
-    from .store import ResultsStore, db_path
+    from .store import ResultsStore, db_path, load_json
     from .sweep import _acquire_lock, describe_start, prepare_sweep
     log = log or (lambda msg: print(msg, flush=True))
     if limit is not None and limit < 0:
@@ -410,7 +409,7 @@ def run_cluster_sweep(config, out_dir: str | os.PathLike, options: ClusterOption
             settings = {"data_dir": None if data_dir is None else str(Path(data_dir).expanduser().resolve()),
                         "threads": threads or options.threads(), "keep_models": keep_models,
                         "tensorboard": tensorboard}
-            calls = [(r["run_id"], (str(out), r["run_id"], r["run_dir"], json.loads(r["config_json"]),
+            calls = [(r["run_id"], (str(out), r["run_id"], r["run_dir"], load_json(r["config_json"]),
                                     r["fingerprint"], settings)) for r in todo]
             submitted = {}
             if calls:

@@ -13,7 +13,7 @@ whatever launcher ran it, so that a run counts as finished exactly when its file
      "attempts": <starts of the run, resumes included>,
      "fields": {"test_acc": ..., "test_error": ..., "t_error": ..., "epochs_json": [...],
                 "T_hat_json": [[...]], "T_true_json": [[...]], "final_json": {...},
-                "resolved_json": {...}, "versions_json": "...", "epochs_done": n,
+                "resolved_json": {...}, "versions_json": {...}, "epochs_done": n,
                 "wall_s": ..., "run_wall_s": ...},     # the database columns, as plain JSON
      "error": "<traceback>" | null}
 
@@ -41,7 +41,7 @@ from typing import Callable
 
 import numpy as np
 
-from .store import ResultsStore, compact_json, db_path, json_default, pack_columns
+from .store import ResultsStore, db_path, json_default, pack_columns
 
 RESULT_NAME = "result.json"
 RESULT_FORMAT = 1
@@ -82,7 +82,7 @@ def run_fields(run_dir: Path, summary: dict) -> dict:
     versions.setdefault("git", git_revision())
     return {"resolved_json": resolved, "epochs_json": epochs, "epochs_done": len(epochs), "final_json": summary,
             "test_acc": acc, "test_error": None if acc is None else 1.0 - acc, "t_error": summary.get("t_error"),
-            "T_hat_json": T_hat, "T_true_json": T_true, "versions_json": compact_json(versions),
+            "T_hat_json": T_hat, "T_true_json": T_true, "versions_json": versions,
             "wall_s": summary.get("wall_s")}
 
 

@@ -8,12 +8,13 @@ Embedded (standard-library ``sqlite3``), in WAL mode, every write a transaction.
   (model, method options with their defaults) as the run saw it, per-epoch metrics (JSON),
   the final metrics, the learned/estimated T̂ and the true T (JSON), timings, the number of
   times the run was started (``attempts``), the versions of Python, torch, numpy and
-  metacorrect, and the error text of a failure. The bulky columns (``PACKED_COLUMNS``:
-  resolved configuration, per-epoch and final metrics, T̂, true T) hold their JSON
-  zlib-compressed (a BLOB; read them with :func:`load_json`, or from the CSV files of
-  ``metacorrect report``): the database is committed with the results, and a 25-class T
-  is 3 KB of text a run. Rows written as plain JSON text by older versions read the same
-  and are packed by :meth:`ResultsStore.compact`;
+  metacorrect, and the error text of a failure. The JSON columns (``PACKED_COLUMNS``:
+  configuration, resolved configuration, versions, per-epoch and final metrics, T̂, true T)
+  are stored packed as :mod:`metacorrect.experiments.packing` describes (zlib with a shared
+  dictionary, floats rounded to the precision they carry; a BLOB: read them with
+  :func:`load_json`, or from the CSV files of ``metacorrect report``), because the database
+  is committed with the results. Rows written as plain JSON text, or packed otherwise, by
+  older versions read the same and are repacked by :meth:`ResultsStore.compact`;
 * ``events`` — one row per start, resume, finish and failure of a run (who and when);
 * ``meta``   — the sweep's configuration and bookkeeping.
 
@@ -29,10 +30,11 @@ import os
 import sqlite3
 import time
 import uuid
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
+
+from .packing import PACKED_COLUMNS, json_default, load_json, pack_columns, pack_json, rounded
 
 DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -147,62 +149,8 @@ def same_settings(stored: dict, new: dict, resolved_method_options: dict | None 
         k in resolved_method_options and resolved_method_options[k] == v for k, v in new_opts.items())
 
 
-def rounded(value, digits: int):
-    """Floats rounded to ``digits`` significant digits, in nested lists and dicts. The
-    database is committed with the results: ``T̂`` is float32 (7 digits carry all of it)
-    and its float64 repr would double the row."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    return value
-
-
-def json_default(o):
-    """``json.dumps``'s fallback for the values a run records: NumPy arrays and scalars as
-    plain JSON, anything else as its string."""
-    import numpy as np
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer, np.floating)):
-        return o.item()
-    return str(o)
-
-
-def compact_json(value) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
-# bulky JSON columns stored zlib-compressed, with the significant digits their floats keep
-# (T̂ and the metrics are float32: 7 digits carry all of it; the true T is exact to 12;
-# None: as recorded)
-PACKED_COLUMNS = {"epochs_json": 7, "T_hat_json": 7, "T_true_json": 12, "resolved_json": None, "final_json": None}
 # small pages: a packed row is 1-3 KB, and 4 KB pages left a third of the file empty
 PAGE_SIZE = 1024
-
-
-def pack_json(value, digits: int | None = None) -> bytes | None:
-    """``value`` as compact JSON (floats rounded to ``digits`` significant digits unless
-    ``None``), zlib-compressed; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    return zlib.compress(compact_json(value if digits is None else rounded(value, digits)).encode(), 9)
-
-
-def pack_columns(values: dict) -> dict:
-    """``values`` (column → value) with the ``PACKED_COLUMNS`` among them packed."""
-    return {c: pack_json(v, PACKED_COLUMNS[c]) if c in PACKED_COLUMNS else v for c, v in values.items()}
-
-
-def load_json(stored):
-    """The value of a JSON column: plain JSON text, or JSON packed by :func:`pack_json`."""
-    if stored is None:
-        return None
-    if isinstance(stored, (bytes, bytearray, memoryview)):
-        return json.loads(zlib.decompress(bytes(stored)))
-    return json.loads(stored)
 
 
 def db_path(sweep_dir: str | os.PathLike) -> Path:
@@ -259,18 +207,20 @@ class ResultsStore:
             pass
 
     def compact(self) -> None:
-        """Pack the bulky columns of rows written as plain JSON text (by older versions) as
-        :func:`pack_json` does, then rewrite the file without free pages (``VACUUM``): the
-        database is committed with the results, so it should stay small. Call it when no
-        other process uses the database."""
+        """Repack the JSON columns of rows stored otherwise than :func:`pack_json` stores them
+        now (plain text from older versions, another dictionary, other rounding), then rewrite
+        the file without free pages (``VACUUM``): the database is committed with the results,
+        so it should stay small. Repacking is idempotent (a packed row packs to the same
+        bytes). Call it when no other process uses the database."""
         columns = ", ".join(PACKED_COLUMNS)
-        plain = " OR ".join(f"typeof({c}) = 'text'" for c in PACKED_COLUMNS)
-        rows = self.con.execute(f"SELECT run_id, {columns} FROM runs WHERE {plain}").fetchall()
+        rows = self.con.execute(f"SELECT run_id, {columns} FROM runs").fetchall()
         with self.transaction() as con:
             for r in rows:
                 packed = pack_columns({c: load_json(r[c]) for c in PACKED_COLUMNS})
-                con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in packed)} WHERE run_id = ?",
-                            (*packed.values(), r["run_id"]))
+                changed = {c: v for c, v in packed.items() if v != (bytes(r[c]) if isinstance(r[c], bytes) else r[c])}
+                if changed:
+                    con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in changed)} WHERE run_id = ?",
+                                (*changed.values(), r["run_id"]))
         self.checkpoint()
         try:  # the page size changes only outside WAL mode, with no other connection open
             self.con.execute("PRAGMA journal_mode = DELETE")
@@ -304,7 +254,7 @@ class ResultsStore:
         with self.transaction() as con:
             for spec in specs:
                 cfg = spec.config
-                cfg_json = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+                cfg_json = pack_json(json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str)))
                 fp = cfg.fingerprint()
                 row = con.execute("SELECT fingerprint, status FROM runs WHERE run_id = ?", (spec.run_id,)).fetchone()
                 if row is None:
@@ -325,7 +275,7 @@ class ResultsStore:
                     # never finished: it simply runs with the new settings
                     con.execute("UPDATE runs SET config_json = ?, fingerprint = ? WHERE run_id = ?",
                                 (cfg_json, fp, spec.run_id))
-                elif row["fingerprint"] != fp and not same_settings(json.loads(full["config_json"]), cfg.to_dict(),
+                elif row["fingerprint"] != fp and not same_settings(load_json(full["config_json"]), cfg.to_dict(),
                                                                     resolved):
                     changed.append(spec.run_id)
                     if on_changed == "rerun":
@@ -428,4 +378,6 @@ class ResultsStore:
         return [dict(r) for r in self.con.execute(q, (run_id,) if run_id else ())]
 
 
-__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "load_json", "pack_columns", "pack_json"]
+# json_default and rounded: re-exported from .packing, where they live
+__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "json_default", "load_json",
+           "pack_columns", "pack_json", "rounded"]

@@ -32,7 +32,7 @@ from typing import Callable
 
 from .collect import git_revision, merge_results, retire_failed_result, run_fields, write_result
 from .config import SweepConfig
-from .store import ResultsStore, db_path, pack_columns
+from .store import ResultsStore, db_path, load_json, pack_columns
 
 LOCK_NAME = ".lock"
 
@@ -310,7 +310,7 @@ def execute_run(store: ResultsStore, out: Path, row: dict, worker: str, data_dir
     resumed = (run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()
     store.event(run_id, "resume" if resumed else "start", worker, f"attempt {row['attempts']}")
     try:
-        config = RunConfig.from_dict(json.loads(row["config_json"]))
+        config = RunConfig.from_dict(load_json(row["config_json"]))
         if data_dir is not None:
             config.data_dir = data_dir
         dataset = _load(config, cache)
