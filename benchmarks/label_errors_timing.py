@@ -1,0 +1,87 @@
+"""The label-error benchmark's time ratio, measured fairly: both sides' trainings interleaved in one process.
+
+``benchmarks/label_errors.py`` times each side's trainings when it runs them, one side after the
+other, so the machine's load can differ between the sides (on a shared VM it moved MNIST's ratio
+from 0.49 to 0.81 between sessions). This script repeats only the trainings, alternating the
+sides round by round (ours first in odd rounds, cleanlab's first in even ones), and prints every
+round's ratio and their median, in process CPU seconds:
+
+* ours: the default MLC run of the case (``label_errors.case_config``);
+* cleanlab's: the 5 cross-entropy trainings on 4/5 of the noisy and trusted examples each.
+
+Nothing is scored; the trainings go to a temporary folder and are removed.
+
+    python benchmarks/label_errors_timing.py --cases mnist-flip0.3 mnist-uniform_mix0.6 --rounds 3 \\
+        --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from label_errors import CASES, case_config
+from metacorrect.data import load_dataset
+from metacorrect.errors.crossfit import assign_folds
+from metacorrect.errors.run_folder import load_run, training_seconds
+from metacorrect.experiments.run import run_experiment
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", required=True, choices=list(CASES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--avg-epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in args.cases:
+        config = case_config(name, args)
+        ds = load_dataset(config.dataset, config.data_dir)
+        ratios = []
+        with tempfile.TemporaryDirectory() as tmp:
+            every = given = None
+
+            def ours(r: int) -> float:
+                nonlocal every, given
+                folder = Path(tmp) / f"mlc-{r}"
+                seconds = training_seconds(run_experiment(config, folder, dataset=ds))
+                if every is None:
+                    run = load_run(folder, dataset=ds)
+                    every = np.concatenate([run.noisy_idx, run.trusted_idx])
+                    given = np.concatenate([run.y_noisy, ds.y_train[run.trusted_idx]])
+                return seconds
+
+            def theirs(r: int) -> float:
+                fold = assign_folds(given, args.folds, args.seed)
+                ce = dataclasses.replace(config, method="ce", method_options={}, keep_train_probs=0)
+                return sum(training_seconds(run_experiment(ce, Path(tmp) / f"ce-{r}-{k}", dataset=ds,
+                                                           exclude=every[fold == k]))
+                           for k in range(args.folds))
+
+            for r in range(args.rounds):
+                if r % 2 == 0 or every is None:
+                    a = ours(r)
+                    b = theirs(r)
+                else:
+                    b = theirs(r)
+                    a = ours(r)
+                ratios.append(a / b)
+                print(f"{name} round {r + 1}: ours {a:.1f} s, cleanlab's {b:.1f} s, ratio {a / b:.3f}", flush=True)
+        print(f"{name}: median ratio {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
