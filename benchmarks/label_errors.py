@@ -133,6 +133,11 @@ def row(case, method, flagged, score, truth, seconds) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two sides
+def case_folder(runs_dir, name: str) -> Path:
+    """Where a case's trainings go under ``--runs-dir``."""
+    return Path(runs_dir) / name.replace(":", "_")
+
+
 def case_config(name: str, args) -> RunConfig:
     preset, dataset, noise, strength, trusted, label_set, overrides = CASES[name]
     run = dict(load_sweep_config(preset).run)
@@ -176,26 +181,37 @@ def ours(name: str, config: RunConfig, ds, folder: Path, args, log) -> list[dict
     return rows
 
 
+def train_cleanlab_folds(config: RunConfig, ds, run, folder: Path, folds: int, seed: int, *, resume: bool = False,
+                         log=lambda text: None):
+    """cleanlab's trainings: plain cross-entropy on the run's noisy and trusted examples (in
+    that order), one training per fold of ``folds`` stratified by given label, each leaving its
+    fold out. Yields, per fold, the positions of its held-out examples in that order, their
+    dataset indices, the training's folder and its seconds."""
+    every = np.concatenate([run.noisy_idx, run.trusted_idx])
+    given = np.concatenate([run.y_noisy, ds.y_train[run.trusted_idx]])
+    fold = assign_folds(given, folds, seed)
+    ce = dataclasses.replace(config, method="ce", method_options={}, keep_train_probs=0)
+    for k in range(folds):
+        held = np.flatnonzero(fold == k)
+        fold_dir = folder / f"fold-{k}"
+        log(f"cleanlab: cross-entropy fold {k + 1}/{folds} -> {fold_dir}")
+        summary = run_experiment(ce, fold_dir, resume=resume, dataset=ds, exclude=every[held])
+        yield held, every[held], fold_dir, training_seconds(summary)
+
+
 def cleanlab_side(name: str, config: RunConfig, ds, folder: Path, args, log) -> list[dict]:
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     run = load_run(folder / "mlc", dataset=ds)  # the same split and noisy labels as ours
-    every = np.concatenate([run.noisy_idx, run.trusted_idx])
-    given = np.concatenate([run.y_noisy, ds.y_train[run.trusted_idx]])
-    K = args.cleanlab_folds
-    fold = assign_folds(given, K, args.seed)
-    ce = dataclasses.replace(config, method="ce", method_options={}, keep_train_probs=0)
-    probs = np.zeros((every.size, ds.num_classes))
+    probs = np.zeros((run.noisy_idx.size + run.trusted_idx.size, ds.num_classes))
     seconds = 0.0
     device = torch.device(args.device)
-    for k in range(K):
-        held = np.flatnonzero(fold == k)
-        fold_dir = folder / "cleanlab" / f"fold-{k}"
-        log(f"[{name}] cleanlab: cross-entropy fold {k + 1}/{K} -> {fold_dir}")
-        summary = run_experiment(ce, fold_dir, resume=args.resume, dataset=ds, exclude=every[held])
-        seconds += training_seconds(summary)
+    for held, examples, fold_dir, fold_seconds in train_cleanlab_folds(
+            config, ds, run, folder / "cleanlab", args.cleanlab_folds, args.seed, resume=args.resume,
+            log=lambda text: log(f"[{name}] {text}")):
+        seconds += fold_seconds
         saved = torch.load(fold_dir / "model.pt", map_location="cpu", weights_only=False)
-        probs[held] = predict_examples(load_model(saved, device), ds, every[held], device)
+        probs[held] = predict_examples(load_model(saved, device), ds, examples, device)
     n = run.noisy_idx.size
     pred_probs, labels = probs[:n] / probs[:n].sum(1, keepdims=True), run.y_noisy
     truth = run.y_clean != labels
@@ -284,7 +300,7 @@ def main(argv=None) -> int:
     for name in args.cases:
         config = case_config(name, args)
         ds = load_dataset(config.dataset, config.data_dir)
-        folder = Path(args.runs_dir) / name.replace(":", "_")
+        folder = case_folder(args.runs_dir, name)
         rows = ours(name, config, ds, folder, args, log) + cleanlab_side(name, config, ds, folder, args, log)
         results += rows
         write_results(out, results)

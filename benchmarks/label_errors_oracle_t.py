@@ -13,11 +13,10 @@ it only explains a result.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
-from label_errors import auroc, flag_metrics
+from label_errors import auroc, case_folder, flag_metrics
 from metacorrect.errors.run_folder import load_run
 from metacorrect.errors.scoring import find_label_errors
 from metacorrect.errors.variants import scorer_probs
@@ -30,7 +29,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
     for case in args.cases:
-        folder = Path(args.runs_dir) / case.replace(":", "_") / "mlc"
+        folder = case_folder(args.runs_dir, case) / "mlc"
         run = load_run(folder, data_dir=args.data_dir)
         with np.load(folder / "labels.npz") as z:
             if "T_true" not in z.files:

@@ -18,17 +18,14 @@ Nothing is scored; the trainings go to a temporary folder and are removed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from label_errors import CASES, case_config
+from label_errors import CASES, case_config, train_cleanlab_folds
 from metacorrect.data import load_dataset
-from metacorrect.errors.crossfit import assign_folds
 from metacorrect.errors.run_folder import load_run, training_seconds
 from metacorrect.experiments.run import run_experiment
 
@@ -51,32 +48,23 @@ def main(argv=None) -> None:
         ds = load_dataset(config.dataset, config.data_dir)
         ratios = []
         with tempfile.TemporaryDirectory() as tmp:
-            every = given = None
+            split = {}  # the first MLC run, whose split cleanlab's side trains on
 
             def ours(r: int) -> float:
-                nonlocal every, given
                 folder = Path(tmp) / f"mlc-{r}"
                 seconds = training_seconds(run_experiment(config, folder, dataset=ds))
-                if every is None:
-                    run = load_run(folder, dataset=ds)
-                    every = np.concatenate([run.noisy_idx, run.trusted_idx])
-                    given = np.concatenate([run.y_noisy, ds.y_train[run.trusted_idx]])
+                split.setdefault("run", load_run(folder, dataset=ds))
                 return seconds
 
             def theirs(r: int) -> float:
-                fold = assign_folds(given, args.folds, args.seed)
-                ce = dataclasses.replace(config, method="ce", method_options={}, keep_train_probs=0)
-                return sum(training_seconds(run_experiment(ce, Path(tmp) / f"ce-{r}-{k}", dataset=ds,
-                                                           exclude=every[fold == k]))
-                           for k in range(args.folds))
+                return sum(seconds for *_, seconds in train_cleanlab_folds(
+                    config, ds, split["run"], Path(tmp) / f"cleanlab-{r}", args.folds, args.seed))
 
-            for r in range(args.rounds):
-                if r % 2 == 0 or every is None:
-                    a = ours(r)
-                    b = theirs(r)
+            for r in range(args.rounds):  # round 1 (r = 0) makes the split, so ours goes first
+                if r % 2 == 0:
+                    a, b = ours(r), theirs(r)
                 else:
-                    b = theirs(r)
-                    a = ours(r)
+                    b, a = theirs(r), ours(r)
                 ratios.append(a / b)
                 print(f"{name} round {r + 1}: ours {a:.1f} s, cleanlab's {b:.1f} s, ratio {a / b:.3f}", flush=True)
         print(f"{name}: median ratio {statistics.median(ratios):.3f} over {len(ratios)} rounds "
