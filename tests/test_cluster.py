@@ -22,7 +22,8 @@ from metacorrect.cli import main
 from metacorrect.experiments.cluster import ClusterOptionError, RunTask, parse_mem, parse_time, run_one
 from metacorrect.experiments.collect import RESULT_NAME, collect_lock, read_result
 from metacorrect.experiments.config import load_sweep_config
-from metacorrect.experiments.store import DB_NAME, ResultsStore, load_json, rounded
+from metacorrect.experiments.packing import rounded
+from metacorrect.experiments.store import DB_NAME, ResultsStore, load_json
 
 GRID = """\
 name = "tiny"

@@ -41,7 +41,8 @@ from typing import Callable
 
 import numpy as np
 
-from .store import ResultsStore, db_path, json_default, pack_columns
+from .packing import json_default, pack_columns
+from .store import ResultsStore, db_path
 
 RESULT_NAME = "result.json"
 RESULT_FORMAT = 1

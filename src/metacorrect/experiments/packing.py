@@ -80,26 +80,25 @@ PACKED_COLUMNS = {"config_json": None, "resolved_json": None, "versions_json": N
 DURATION_DIGITS = 4
 
 
+def _map_floats(value, fn):
+    """``value`` with ``fn`` applied to every float, in nested lists and dicts."""
+    if isinstance(value, float):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_floats(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_floats(v, fn) for k, v in value.items()}
+    return value
+
+
 def rounded(value, digits: int):
     """Floats rounded to ``digits`` significant digits, in nested lists and dicts."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
-    return value
+    return _map_floats(value, lambda x: float(f"{x:.{digits}g}"))
 
 
 def rounded_decimals(value, places: int):
     """Floats rounded to ``places`` decimal places (``-0.0`` as ``0.0``), in nested lists and dicts."""
-    if isinstance(value, float):
-        return round(value, places) + 0.0
-    if isinstance(value, list):
-        return [rounded_decimals(v, places) for v in value]
-    if isinstance(value, dict):
-        return {k: rounded_decimals(v, places) for k, v in value.items()}
-    return value
+    return _map_floats(value, lambda x: round(x, places) + 0.0)
 
 
 def json_default(o):
@@ -121,11 +120,13 @@ def _round(value, rounding):
     if rounding is None:
         return value
     kind, n = rounding
-    if kind == "metrics":
-        return [{k: rounded(v, DURATION_DIGITS if k.endswith("_s") else n) for k, v in e.items()}
-                if isinstance(e, dict) else rounded(e, n) for e in value] if isinstance(value, list) \
-            else rounded(value, n)
-    return rounded(value, n) if kind == "significant" else rounded_decimals(value, n)
+    if kind == "significant":
+        return rounded(value, n)
+    if kind == "decimals":
+        return rounded_decimals(value, n)
+    # "metrics": a list of per-epoch records, durations to DURATION_DIGITS
+    return [{k: rounded(v, DURATION_DIGITS if k.endswith("_s") else n) for k, v in e.items()}
+            if isinstance(e, dict) else rounded(e, n) for e in value] if isinstance(value, list) else rounded(value, n)
 
 
 def pack_json(value, rounding: tuple[str, int] | None = None) -> bytes | None:

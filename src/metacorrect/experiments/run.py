@@ -42,7 +42,7 @@ from ..models import create_model
 from ..noise import format_matrix
 from ..distributed import SINGLE, World
 from ..train import TensorBatchLoader, fit, resolve_device
-from .store import json_default
+from .packing import json_default
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine")

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
-from .packing import PACKED_COLUMNS, json_default, load_json, pack_columns, pack_json, rounded
+from .packing import PACKED_COLUMNS, load_json, pack_columns, pack_json
 
 DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -217,7 +217,7 @@ class ResultsStore:
         with self.transaction() as con:
             for r in rows:
                 packed = pack_columns({c: load_json(r[c]) for c in PACKED_COLUMNS})
-                changed = {c: v for c, v in packed.items() if v != (bytes(r[c]) if isinstance(r[c], bytes) else r[c])}
+                changed = {c: v for c, v in packed.items() if v != r[c]}
                 if changed:
                     con.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in changed)} WHERE run_id = ?",
                                 (*changed.values(), r["run_id"]))
@@ -254,7 +254,7 @@ class ResultsStore:
         with self.transaction() as con:
             for spec in specs:
                 cfg = spec.config
-                cfg_json = pack_json(json.loads(json.dumps(cfg.to_dict(), sort_keys=True, default=str)))
+                cfg_json = pack_json(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
                 fp = cfg.fingerprint()
                 row = con.execute("SELECT fingerprint, status FROM runs WHERE run_id = ?", (spec.run_id,)).fetchone()
                 if row is None:
@@ -378,6 +378,5 @@ class ResultsStore:
         return [dict(r) for r in self.con.execute(q, (run_id,) if run_id else ())]
 
 
-# json_default and rounded: re-exported from .packing, where they live
-__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "json_default", "load_json",
-           "pack_columns", "pack_json", "rounded"]
+__all__ = ["DB_NAME", "PACKED_COLUMNS", "ResultsStore", "STATUSES", "db_path", "load_json", "pack_columns",
+           "pack_json"]
