@@ -383,6 +383,20 @@ def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one(
     _assert_mid_block_step_is_exact(ctx, before, mlc, 0.5)
 
 
+def test_mlc_geometric_trusted_weight_is_the_square_root_of_the_balanced_one():
+    # 'geometric': √(update_every · n_trusted / n_noisy) = √(2 · 30 / 120) = √0.5, the
+    # geometric mean of the balanced weight and the noisy batch's weight 1
+    torch.manual_seed(12)
+    model = tiny_mlp().double()
+    before = copy.deepcopy(model)
+    ctx = _mlc_ctx(model)
+    ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
+    ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), torch.zeros(30, dtype=torch.long), 12)
+    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="geometric")
+    _assert_mid_block_step_is_exact(ctx, before, mlc, math.sqrt(0.5))
+    assert mlc.state_dict()["trusted_weight"] == pytest.approx(math.sqrt(0.5))  # kept for a resume
+
+
 def test_label_information_share_has_its_closed_forms():
     from metacorrect.methods.mlc import label_information_share
     prior = torch.tensor([0.2, 0.3, 0.5])
@@ -418,7 +432,7 @@ def test_mlc_information_trusted_weight_divides_the_balanced_one_by_the_share():
 
 def test_mlc_rejects_a_bad_trusted_weight():
     for bad in (0, -1.0, float("nan"), "5", True):
-        with pytest.raises(ValueError, match="trusted_weight must be a number > 0, 'balanced' or 'information'"):
+        with pytest.raises(ValueError, match="trusted_weight must be a number > 0, 'balanced', 'information' or 'geometric'"):
             create_method("mlc", trusted_weight=bad)
 
 

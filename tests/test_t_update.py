@@ -121,10 +121,11 @@ def test_released_and_v1_are_one_option_each_and_versioned():
     released = create_method("mlc", t_update="released")
     assert (released.reset_each_step, released.t_space, released.normalise, released.update_every) == \
         (True, "logits", "columns", 1)
-    assert released.meta_lr == 0.11 and released.version == 3
+    assert released.meta_lr == 0.11 and released.version == 3  # its algorithm has not changed since
     v1 = create_method("mlc", t_update="v1")
     assert v1.meta_lr == 0.01 and v1.version == 1
-    assert create_method("mlc").version == 3
+    assert create_method("mlc").version == 4
+    assert create_method("mlc", trusted_weight=1.0).version == 3  # version 3: the noisy batch's weight
     assert create_method("mlc", estimate_patience=0).version == 2  # T from the last estimate epoch
 
 
