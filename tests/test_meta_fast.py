@@ -370,31 +370,21 @@ def _assert_mid_block_step_is_exact(ctx, before, mlc, trusted_weight):
     return want, (T_old, xn, yn, xc, yc)
 
 
-def test_mlc_balanced_trusted_weight_counts_each_trusted_example_as_a_noisy_one():
-    # 'balanced': weight update_every · n_trusted / n_noisy (here 2 · 30 / 120 = 0.5), the
-    # size of the sets read from the loaders; the step is the exact step with that weight
+@pytest.mark.parametrize("option, weight", [("balanced", 0.5), ("geometric", math.sqrt(0.5))])
+def test_mlc_size_based_trusted_weights_take_the_exact_step_and_are_kept(option, weight):
+    # 'balanced': update_every · n_trusted / n_noisy (here 2 · 30 / 120 = 0.5), each trusted
+    # example counted as a noisy one; 'geometric' (the default): its square root, the geometric
+    # mean of the balanced weight and 1. The sizes of the sets are read from the loaders; the
+    # step is the exact step with that weight, and the weight is kept for a resume
     torch.manual_seed(12)
     model = tiny_mlp().double()
     before = copy.deepcopy(model)
     ctx = _mlc_ctx(model)
     ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
     ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), torch.zeros(30, dtype=torch.long), 12)
-    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="balanced")
-    _assert_mid_block_step_is_exact(ctx, before, mlc, 0.5)
-
-
-def test_mlc_geometric_trusted_weight_is_the_square_root_of_the_balanced_one():
-    # 'geometric': √(update_every · n_trusted / n_noisy) = √(2 · 30 / 120) = √0.5, the
-    # geometric mean of the balanced weight and the noisy batch's weight 1
-    torch.manual_seed(12)
-    model = tiny_mlp().double()
-    before = copy.deepcopy(model)
-    ctx = _mlc_ctx(model)
-    ctx.noisy_loader = TensorBatchLoader(torch.zeros(120, 6), torch.zeros(120, dtype=torch.long), 12)
-    ctx.trusted_loader = TensorBatchLoader(torch.zeros(30, 6), torch.zeros(30, dtype=torch.long), 12)
-    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight="geometric")
-    _assert_mid_block_step_is_exact(ctx, before, mlc, math.sqrt(0.5))
-    assert mlc.state_dict()["trusted_weight"] == pytest.approx(math.sqrt(0.5))  # kept for a resume
+    mlc = create_method("mlc", t_init="identity", t_warmup=0.0, update_every=2, trusted_weight=option)
+    _assert_mid_block_step_is_exact(ctx, before, mlc, weight)
+    assert mlc.state_dict()["trusted_weight"] == pytest.approx(weight)
 
 
 def test_label_information_share_has_its_closed_forms():
