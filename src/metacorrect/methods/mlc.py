@@ -80,7 +80,6 @@ test set — and on T error against the T that made the noise; the tables are in
 Other algorithms, one option each:
 
 * ``trusted_weight=1``: version 3 (the trusted cross-entropy at the noisy batch's weight);
-
 * ``t_update='v1'``: metacorrect 0.1's MLC (T from I, ``meta_lr=0.01`` times the
   hypergradient over its largest entry on every meta step);
 * ``t_update='released'``: the released code's algorithm — T reset to I every iteration,
@@ -124,6 +123,9 @@ RELEASED_VIRTUAL_LR = 1e-3 * 64
 # difference of held-out losses: an epoch within SELECT_WITHIN_SE of the best can be chosen;
 # the phase stops when its last epochs are all beyond STOP_BEYOND_SE
 SELECT_WITHIN_SE, STOP_BEYOND_SE = 1.0, 2.0
+
+# the trusted cross-entropy's weights computed from the data (MLC._trusted_weight); a number is the other kind
+TRUSTED_WEIGHT_RULES = ("balanced", "information", "geometric")
 
 
 def _examples(loader) -> int:
@@ -325,11 +327,12 @@ class MLC(Method):
             raise ValueError(f"mlc option t_warmup must be a fraction in [0, 1), got {self.t_warmup}")
         if self.trusted_weight is None:
             self.trusted_weight = "geometric" if self.t_update == "tested" else 1.0
-        if self.trusted_weight not in ("balanced", "information", "geometric") and not (
+        if self.trusted_weight not in TRUSTED_WEIGHT_RULES and not (
                 isinstance(self.trusted_weight, (int, float)) and not isinstance(self.trusted_weight, bool)
                 and math.isfinite(self.trusted_weight) and self.trusted_weight > 0):
-            raise ValueError(f"mlc option trusted_weight must be a number > 0, 'balanced', 'information' or "
-                             f"'geometric', got {self.trusted_weight!r}")
+            *first, last = (repr(rule) for rule in TRUSTED_WEIGHT_RULES)
+            raise ValueError(f"mlc option trusted_weight must be a number > 0, {', '.join(first)} or {last}, "
+                             f"got {self.trusted_weight!r}")
         if not self.z_crit >= 0:
             raise ValueError(f"mlc option z_crit must be >= 0, got {self.z_crit}")
         if isinstance(self.t_init, str) and self.t_init not in ("identity", "glc"):
