@@ -15,29 +15,29 @@ from the identity) are skipped. Reads only; trains nothing.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from metacorrect.experiments.store import load_json
+from metacorrect.report.tables import load_results
 
 
-def rows_of(db: Path) -> tuple[dict, dict]:
-    """``{(noise, trusted): ([start], [end])}`` for MLC and ``{(noise, trusted): [t_error]}`` for GLC."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def rows_of(sweep_dir: Path) -> tuple[dict, dict]:
+    """``{(noise, trusted): ([start], [end])}`` for MLC and ``{(noise, trusted): [t_error]}`` for GLC,
+    from the finished runs of the methods' current algorithm versions (the report's
+    :func:`~metacorrect.report.tables.load_results` names older versions' runs ``mlc@vK``)."""
     mlc, glc = defaultdict(lambda: ([], [])), defaultdict(list)
-    for noise, trusted, method, epochs, t_error in con.execute(
-            "SELECT noise, trusted, method, epochs_json, t_error FROM runs "
-            "WHERE status = 'done' AND method IN ('mlc', 'glc') AND t_error IS NOT NULL"):
-        if method == "glc":
-            glc[(noise, trusted)].append(t_error)
+    for run in load_results(sweep_dir).done:
+        if run["t_error"] is None:
             continue
-        phase = [e for e in load_json(epochs) or [] if e.get("phase") == "mlc" and e.get("t_error") is not None]
-        if phase:
-            mlc[(noise, trusted)][0].append(phase[0]["t_error"])
-            mlc[(noise, trusted)][1].append(t_error)
-    con.close()
+        cell = (run["noise"], run["trusted"])
+        if run["method"] == "glc":
+            glc[cell].append(run["t_error"])
+        elif run["method"] == "mlc":
+            phase = [e for e in run["epochs"] or [] if e.get("phase") == "mlc" and e.get("t_error") is not None]
+            if phase:
+                mlc[cell][0].append(phase[0]["t_error"])
+                mlc[cell][1].append(run["t_error"])
     return mlc, glc
 
 
@@ -48,10 +48,10 @@ def main() -> None:
     print("| sweep | noise | trusted | runs | MLC start | MLC end | end − start | GLC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for folder in args.sweeps:
-        db = Path(folder) / "results.sqlite"
-        if not db.is_file():
-            raise SystemExit(f"{db}: no results database there (expected a sweep folder)")
-        mlc, glc = rows_of(db)
+        try:
+            mlc, glc = rows_of(Path(folder))
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
         starts, ends, glcs = [], [], []
         for (noise, trusted), (start, end) in sorted(mlc.items()):
             g = glc.get((noise, trusted), [])
