@@ -313,11 +313,11 @@ def test_mlc_estimate_patience_stops_the_estimate_phase_and_starts_T_from_its_be
     class Scripted(MLC):
         def _holdout_losses(self, ctx):
             assert ctx.holdout_loader.num_examples == 5  # estimate_holdout=0.1 of the 50 noisy examples
-            return script[ctx.epoch_in_phase]
+            return script[ctx.epoch_in_phase], 0.5
 
         def _trusted_estimate(self, ctx):
             e = ctx.epoch_in_phase
-            return np.full((3, 3), 0.1) + np.eye(3) * (0.7 - 0.1 * e), 0.5
+            return np.full((3, 3), 0.1) + np.eye(3) * (0.7 - 0.1 * e), 0.5, 1.0
 
         def step(self, ctx, noisy, trusted):
             if trusted is None:

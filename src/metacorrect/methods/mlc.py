@@ -80,6 +80,9 @@ test set — and on T error against the T that made the noise; the tables are in
 Other algorithms, one option each:
 
 * ``trusted_weight=1``: version 3 (the trusted cross-entropy at the noisy batch's weight);
+* ``trusted_weight='relative_debiased'``: version 5's candidate, the weight from how much
+  the noisy labels say compared with clean ones, measured on the estimate phase's held-out
+  noisy examples (the class docstring's options);
 * ``t_update='v1'``: metacorrect 0.1's MLC (T from I, ``meta_lr=0.01`` times the
   hypergradient over its largest entry on every meta step);
 * ``t_update='released'``: the released code's algorithm — T reset to I every iteration,
@@ -99,6 +102,7 @@ warning); the tested rule moves it only where the hypergradient says so.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +115,7 @@ from ..meta import MetaGradient
 from . import register_method
 from .base import Method, Phase, ce_step
 from .estimators import glc_estimate
+from .information import label_information_share, prediction_information  # noqa: F401 (re-exported)
 from .losses import CORRECTED_LOSSES
 from .t_update import DEFAULT_META_LR, T_UPDATES, TUpdate, project_stochastic  # noqa: F401 (re-exported)
 
@@ -125,7 +130,10 @@ RELEASED_VIRTUAL_LR = 1e-3 * 64
 SELECT_WITHIN_SE, STOP_BEYOND_SE = 1.0, 2.0
 
 # the trusted cross-entropy's weights computed from the data (MLC._trusted_weight); a number is the other kind
-TRUSTED_WEIGHT_RULES = ("balanced", "information", "geometric")
+TRUSTED_WEIGHT_RULES = ("balanced", "information", "geometric", "relative_debiased")
+# 'relative_debiased': the share r of a clean label's information a noisy one carries is
+# clamped to [RELATIVE_SHARE_FLOOR, 1] (a trusted example weighs at most 100 noisy ones)
+RELATIVE_SHARE_FLOOR = 0.01
 
 
 def _examples(loader) -> int:
@@ -147,19 +155,6 @@ def _class_prior(loader, num_classes: int) -> torch.Tensor:
     return counts / counts.sum().clamp_min(1)
 
 
-def label_information_share(T: torch.Tensor, prior: torch.Tensor) -> float:
-    """``I(Y; Ỹ) / H(Y)``: the share of a clean label's information about the class that a
-    noisy label drawn through ``T`` (``T[i, j] = P(noisy=j | true=i)``) carries, for classes
-    drawn from ``prior``. 1 for ``T = I``, 0 for a T whose rows are all alike."""
-    T, prior = T.double().cpu(), prior.double().cpu()
-    joint = prior[:, None] * T
-    noisy = joint.sum(0)
-    ratio = torch.where(joint > 0, joint / (prior[:, None] * noisy[None, :]).clamp_min(1e-300), torch.ones_like(joint))
-    mutual = float((joint * ratio.log()).sum())
-    entropy = float(-(prior[prior > 0] * prior[prior > 0].log()).sum())
-    return max(mutual, 0.0) / entropy if entropy > 0 else 1.0
-
-
 def _paired_z(losses: torch.Tensor, best: torch.Tensor) -> float:
     """How many standard errors the mean of ``losses − best`` (paired by example) is above 0."""
     d = losses - best
@@ -168,6 +163,17 @@ def _paired_z(losses: torch.Tensor, best: torch.Tensor) -> float:
     if se == 0.0:
         return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
     return mean / se
+
+
+def _relative_share(noisy_information: float, clean_information: float) -> float:
+    """r = I(Ŷ; Ỹ) / I(Ŷ; Y): the information the estimate network's predictions carry about
+    held-out noisy labels, as a share of what they carry about trusted (clean) labels — how
+    many clean labels' worth of evidence a noisy label is, for this network, measured rather
+    than inferred from T's estimate (both debiased, :func:`prediction_information`). 1 where
+    the trusted labels' information is not positive (no evidence either way)."""
+    if not clean_information > 0:
+        return 1.0
+    return max(noisy_information, 0.0) / clean_information
 
 
 @register_method
@@ -199,6 +205,14 @@ class MLC(Method):
             ``'geometric'``: the geometric mean of the balanced weight and 1, ``√balanced``
             (a trusted example weighs ``1/√balanced`` noisy ones: about 4.5 at 1 % trusted,
             where the weight 1 makes it 20 and the balanced weight 1).
+            ``'relative_debiased'``: the balanced weight divided by r, the information the
+            estimate network's predictions carry about the held-out noisy labels as a share
+            of what they carry about the trusted labels (both debiased by a seeded label
+            permutation, :func:`~metacorrect.methods.information.prediction_information`),
+            at the selected estimate epoch, clamped to ``[0.01, 1]``: a trusted example
+            weighs ``1/r`` noisy ones — one where the noisy labels are clean, up to 100 where
+            they say nothing. Needs ``t_init='glc'`` and ``estimate_patience >= 1``; with
+            streamed data (no hold-out) the geometric weight, with a warning.
         t_init: ``'identity'``, ``'glc'`` (a GLC estimate from a first phase trained on the
             noisy data; the model is then re-initialised), or a C×C matrix (``None``:
             ``'glc'`` for the tested rule, ``'identity'`` for the others).
@@ -248,6 +262,8 @@ class MLC(Method):
     """
 
     NAME = "mlc"
+    # 5: the trusted cross-entropy's weight from the relative information of the noisy labels
+    # (``trusted_weight='relative_debiased'``);
     # 4: the trusted cross-entropy at the geometric weight (``trusted_weight='geometric'``);
     # 3: the estimate phase's epoch selected on held-out noisy examples (``estimate_patience``);
     # 2: the tested T update (``t_update='tested'``) from the last estimate epoch; 1:
@@ -265,8 +281,9 @@ class MLC(Method):
         no_selection = options.get("t_init") == "glc" and not options["estimate_patience"]
         if no_selection:
             return 2
-        # version 3 gave the trusted cross-entropy the noisy batch's weight (1)
-        return cls.VERSION if options.get("trusted_weight") == "geometric" else 3
+        # version 3 gave the trusted cross-entropy the noisy batch's weight (1), or any other
+        # than the versions' own
+        return {"geometric": 4, "relative_debiased": 5}.get(options.get("trusted_weight"), 3)
 
     virtual_lr: float = 0.1
     meta_lr: float | None = None
@@ -353,6 +370,12 @@ class MLC(Method):
         if self.estimate_patience and not self.estimate_holdout:
             raise ValueError("mlc option estimate_patience needs estimate_holdout > 0 (the held-out noisy examples "
                              "it selects the epoch on)")
+        if self.trusted_weight == "relative_debiased" and not (
+                isinstance(self.t_init, str) and self.t_init == "glc" and self.estimate_patience):
+            raise ValueError("mlc option trusted_weight='relative_debiased' measures the noisy labels' information "
+                             "on the estimate phase's held-out noisy examples: it needs t_init='glc' and "
+                             f"estimate_patience >= 1, got t_init={self.t_init if isinstance(self.t_init, str) else 'a matrix'!r} "
+                             f"and estimate_patience={self.estimate_patience!r}")
         self.phases = ((Phase("estimate", "noisy", epoch_fraction=float(self.estimate_epochs),
                               holdout=float(self.estimate_holdout) if self.estimate_patience else 0.0),
                         Phase("mlc", "paired", reinit=True))
@@ -392,15 +415,18 @@ class MLC(Method):
                                    scope=self.meta_scope, world=ctx.world)
 
     def _trusted_estimate(self, ctx):
-        """GLC's estimate of T from the current network on the trusted set, and its accuracy there."""
+        """GLC's estimate of T from the current network on the trusted set, its accuracy
+        there, and the information its predictions carry about the trusted labels."""
         probs, labels = ctx.predict_proba(ctx.trusted_loader)
         T0 = glc_estimate(probs.numpy(), labels.numpy(), ctx.num_classes)
-        return T0, float((probs.argmax(1) == labels).double().mean())
+        return T0, float((probs.argmax(1) == labels).double().mean()), prediction_information(probs, labels)
 
-    def _holdout_losses(self, ctx) -> torch.Tensor:
-        """The network's negative log-likelihood of each held-out noisy example's label."""
+    def _holdout_losses(self, ctx) -> tuple[torch.Tensor, float]:
+        """The network's negative log-likelihood of each held-out noisy example's label, and
+        the information its predictions carry about those labels."""
         probs, labels = ctx.predict_proba(ctx.holdout_loader)
-        return -probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log()[:, 0]
+        losses = -probs.double().gather(1, labels[:, None]).clamp_min(1e-12).log()[:, 0]
+        return losses, prediction_information(probs, labels)
 
     def end_epoch(self, ctx, index, epoch, metrics):
         """The estimate phase's epoch selection (``estimate_patience``): the latest epoch whose
@@ -410,10 +436,12 @@ class MLC(Method):
         all clearly worse than the best (more than two standard errors: overfitting)."""
         if self.phases[index].name != "estimate" or not self.estimate_patience or ctx.holdout_loader is None:
             return False
-        losses = self._holdout_losses(ctx)
-        T0, acc = self._trusted_estimate(ctx)
+        losses, noisy_information = self._holdout_losses(ctx)
+        T0, acc, clean_information = self._trusted_estimate(ctx)
         metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
-        self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32)})
+        metrics["relative_information"] = _relative_share(noisy_information, clean_information)
+        self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32),
+                                "information": (noisy_information, clean_information)})
         z = self._z_from_best()
         metrics["estimate_epoch"] = self._selected(z)["epoch"] + 1
         patience = int(self.estimate_patience)
@@ -506,20 +534,36 @@ class MLC(Method):
         return reported
 
     def _trusted_weight(self, ctx) -> float:
-        """The trusted cross-entropy's weight (``trusted_weight``; ``'balanced'`` from the
-        sizes of the two sets)."""
+        """The trusted cross-entropy's weight (``trusted_weight``; the rules from the sizes of
+        the two sets and, for ``'relative_debiased'``, the estimate phase's measurements)."""
         if not isinstance(self.trusted_weight, str):
             return float(self.trusted_weight)
         if self._weight is None:  # computed once, at the MLC phase's first trusted step
             n_noisy, n_trusted = _examples(ctx.noisy_loader), _examples(ctx.trusted_loader)
             weight = int(self.update_every) * n_trusted / max(n_noisy, 1)
-            if self.trusted_weight == "information":
+            share = self._selected_relative_share() if self.trusted_weight == "relative_debiased" else None
+            if share is not None:
+                weight = weight / min(max(share, RELATIVE_SHARE_FLOOR), 1.0)
+            elif self.trusted_weight == "information":
                 share = label_information_share(self.T_start, _class_prior(ctx.trusted_loader, ctx.num_classes))
                 weight = min(1.0, weight / max(share, 1e-12))
-            elif self.trusted_weight == "geometric":
+            elif self.trusted_weight in ("geometric", "relative_debiased"):
                 weight = math.sqrt(weight)
             self._weight = weight
         return self._weight
+
+    def _selected_relative_share(self) -> float | None:
+        """The relative share r (:func:`_relative_share`) at the estimate epoch T starts from;
+        ``None``, with a warning, where the estimate phase had no held-out noisy examples to
+        measure it on (streamed data): the weight is then the geometric one."""
+        selected = self._selected() if self._estimates else None
+        if selected is None or "information" not in selected:
+            warnings.warn("mlc trusted_weight='relative_debiased' measures the noisy labels' information on "
+                          "held-out noisy examples, which this run's estimate phase did not have (streamed "
+                          "data, or a checkpoint from before the weight existed); using the 'geometric' "
+                          "weight instead", stacklevel=4)
+            return None
+        return _relative_share(*selected["information"])
 
     def _actual_step(self, ctx, loss, loss_c):
         """The optimizer step on the noisy loss plus the weighted trusted cross-entropy."""
