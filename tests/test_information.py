@@ -14,6 +14,8 @@ from metacorrect.methods.information import _mutual_information, label_informati
 from metacorrect.methods.mlc import RELATIVE_SHARE_FLOOR, _relative_share
 from metacorrect.train import TensorBatchLoader, TrainContext
 
+from digits_fit import fit_digits_mlc
+
 
 def _plug_in(probs, labels):
     joint = torch.zeros(probs.shape[1], probs.shape[1], dtype=torch.float64)
@@ -61,18 +63,8 @@ def test_relative_share_of_a_perfect_network_is_the_labels_share_of_information(
 
 
 def _digits_fit(strength, epochs=3, **kw):
-    from metacorrect.data import load_dataset, make_problem
-    from metacorrect.models import create_model
-    from metacorrect.train import fit
-    ds = load_dataset("digits")
-    problem = make_problem(ds, "uniform_mix", strength, 0.1, 0)
-    torch.manual_seed(0)
-    model = create_model("mlp", ds.input_shape, ds.num_classes)
-    noisy = TensorBatchLoader(*problem.tensors("noisy"), 32, seed=1, transform=ds.train_transform)
-    trusted = TensorBatchLoader(*problem.tensors("trusted"), 32, seed=2, transform=ds.train_transform)
-    result = fit(model, torch.optim.Adam(model.parameters(), 1e-3), noisy, trusted, "mlc", epochs=epochs,
-                 num_classes=ds.num_classes, device="cpu", trusted_weight="relative_debiased", **kw)
-    return result, 5 * trusted.num_examples / noisy.num_examples
+    result, _, balanced = fit_digits_mlc("uniform_mix", strength, epochs, trusted_weight="relative_debiased", **kw)
+    return result, balanced
 
 
 @pytest.mark.parametrize("strength, low, high", [(0.0, 0.8, 1.2), (1.0, -0.05, 0.1)])

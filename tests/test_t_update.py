@@ -24,6 +24,8 @@ from metacorrect.methods import create_method
 from metacorrect.methods.t_update import T_UPDATES, TUpdate
 from metacorrect.noise import t_error
 
+from digits_fit import fit_digits_mlc
+
 
 def _t_tail(df: int, z: float) -> float:
     """Two-sided tail P(|t_df| > z), by numerical integration of the density (no scipy)."""
@@ -130,19 +132,8 @@ def test_released_and_v1_are_one_option_each_and_versioned():
 
 
 def _digits_mlc(strength, epochs=30):
-    from metacorrect.data import load_dataset, make_problem
-    from metacorrect.models import create_model
-    from metacorrect.train import TensorBatchLoader, fit
-    ds = load_dataset("digits")
-    problem = make_problem(ds, "flip", strength, 0.1, 0)
-    torch.manual_seed(0)
-    model = create_model("mlp", ds.input_shape, ds.num_classes)
-    noisy = TensorBatchLoader(*problem.tensors("noisy"), 32, seed=1, transform=ds.train_transform)
-    trusted = TensorBatchLoader(*problem.tensors("trusted"), 32, seed=2, transform=ds.train_transform)
-    test = TensorBatchLoader(*problem.tensors("test"), 1000, shuffle=False, transform=ds.test_transform)
-    result = fit(model, torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-6), noisy, trusted, "mlc",
-                 epochs=epochs, num_classes=ds.num_classes, T_true=problem.T_true, test_loader=test, device="cpu")
-    return result, problem.T_true
+    result, T_true, _ = fit_digits_mlc("flip", strength, epochs)
+    return result, T_true
 
 
 def test_default_mlc_on_clean_labels_keeps_T_near_the_identity():
