@@ -373,7 +373,7 @@ def _assert_mid_block_step_is_exact(ctx, before, mlc, trusted_weight):
 @pytest.mark.parametrize("option, weight", [("balanced", 0.5), ("geometric", math.sqrt(0.5))])
 def test_mlc_size_based_trusted_weights_take_the_exact_step_and_are_kept(option, weight):
     # 'balanced': update_every · n_trusted / n_noisy (here 2 · 30 / 120 = 0.5), each trusted
-    # example counted as a noisy one; 'geometric' (the default): its square root, the geometric
+    # example counted as a noisy one; 'geometric' (version 4's default): its square root, the geometric
     # mean of the balanced weight and 1. The sizes of the sets are read from the loaders; the
     # step is the exact step with that weight, and the weight is kept for a resume
     torch.manual_seed(12)

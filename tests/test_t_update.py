@@ -126,7 +126,11 @@ def test_released_and_v1_are_one_option_each_and_versioned():
     assert released.meta_lr == 0.11 and released.version == 3  # its algorithm has not changed since
     v1 = create_method("mlc", t_update="v1")
     assert v1.meta_lr == 0.01 and v1.version == 1
-    assert create_method("mlc").version == 4
+    assert create_method("mlc").version == 5
+    assert create_method("mlc").trusted_weight == "relative_debiased"
+    assert create_method("mlc", trusted_weight="geometric").version == 4
+    # from the identity there is no estimate phase to measure r on: the geometric weight
+    assert create_method("mlc", t_init="identity").trusted_weight == "geometric"
     assert create_method("mlc", trusted_weight=1.0).version == 3  # version 3: the noisy batch's weight
     assert create_method("mlc", estimate_patience=0).version == 2  # T from the last estimate epoch
 
