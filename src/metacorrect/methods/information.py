@@ -12,6 +12,7 @@ Orientation: ``T[i, j] = P(noisy = j | true = i)`` (rows = true class).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # the permutation that measures the plug-in bias is seeded: the same on every rank and resume
@@ -42,7 +43,8 @@ def prediction_information(probs: torch.Tensor, labels: torch.Tensor) -> float:
     The plug-in mutual information of the joint ``J[a, b] = mean(onehot(label)[a] · probs[b])``
     is biased upward on a finite sample (it is positive even for predictions independent of
     the labels); the same quantity with the labels randomly permuted (seeded,
-    ``PERMUTATION_SEED``) measures that bias and is subtracted. About 0 where the predictions
+    ``PERMUTATION_SEED``, applied in a canonical order of the examples, so the result does
+    not depend on their order) measures that bias and is subtracted. About 0 where the predictions
     say nothing about the labels; can be slightly negative by chance.
 
     ``probs``: (n, C) rows summing to 1; ``labels``: (n,) integer classes in ``[0, C)``.
@@ -51,6 +53,11 @@ def prediction_information(probs: torch.Tensor, labels: torch.Tensor) -> float:
         raise ValueError(f"prediction_information needs probs of shape (n, C) and labels of shape (n,), "
                          f"got {tuple(probs.shape)} and {tuple(labels.shape)}")
     probs, labels = probs.double().cpu(), labels.long().cpu()
+    # a canonical order first (by label, then by the prediction's entries), so that the
+    # permutation pairs the same labels with the same predictions whatever order the
+    # examples came in — distributed, predict_proba gathers them rank by rank
+    order = np.lexsort([*probs.numpy().T[::-1], labels.numpy()])
+    probs, labels = probs[torch.from_numpy(order)], labels[torch.from_numpy(order)]
     generator = torch.Generator().manual_seed(PERMUTATION_SEED)
     permuted = labels[torch.randperm(len(labels), generator=generator)]
     informations = []
