@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from metacorrect.methods import create_method
-from metacorrect.methods.information import _mutual_information, label_information_share, prediction_information
+from metacorrect.methods.information import (_mutual_information, label_information_share, prediction_information,
+                                             prediction_joint)
 from metacorrect.methods.mlc import RELATIVE_SHARE_FLOOR, _relative_share
 from metacorrect.train import TensorBatchLoader, TrainContext
 
@@ -18,9 +19,7 @@ from digits_fit import fit_digits_mlc
 
 
 def _plug_in(probs, labels):
-    joint = torch.zeros(probs.shape[1], probs.shape[1], dtype=torch.float64)
-    joint.index_add_(0, labels, probs.double())
-    return _mutual_information(joint)
+    return _mutual_information(prediction_joint(probs, labels))
 
 
 def test_predictions_independent_of_the_labels_carry_about_no_information_once_debiased():

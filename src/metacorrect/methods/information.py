@@ -27,6 +27,12 @@ def _mutual_information(joint: torch.Tensor) -> float:
     return float((joint[present] * (joint[present] / independent[present]).log()).sum())
 
 
+def prediction_joint(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The (unnormalised) joint of label and soft prediction: ``J[a, b] = Σ onehot(label)[a] · probs[b]``."""
+    joint = torch.zeros(probs.shape[1], probs.shape[1], dtype=torch.float64)
+    return joint.index_add_(0, labels, probs.double())
+
+
 def label_information_share(T: torch.Tensor, prior: torch.Tensor) -> float:
     """``I(Y; Ỹ) / H(Y)``: the share of a clean label's information about the class that a
     noisy label drawn through ``T`` (``T[i, j] = P(noisy=j | true=i)``) carries, for classes
@@ -60,9 +66,5 @@ def prediction_information(probs: torch.Tensor, labels: torch.Tensor) -> float:
     probs, labels = probs[torch.from_numpy(order)], labels[torch.from_numpy(order)]
     generator = torch.Generator().manual_seed(PERMUTATION_SEED)
     permuted = labels[torch.randperm(len(labels), generator=generator)]
-    informations = []
-    for lab in (labels, permuted):
-        joint = torch.zeros(probs.shape[1], probs.shape[1], dtype=torch.float64)
-        joint.index_add_(0, lab, probs)
-        informations.append(_mutual_information(joint))
-    return informations[0] - informations[1]
+    return (_mutual_information(prediction_joint(probs, labels))
+            - _mutual_information(prediction_joint(probs, permuted)))

@@ -364,8 +364,9 @@ class MLC(Method):
             self.estimate_epochs = 1.0
         if not (isinstance(self.estimate_epochs, (int, float)) and 0 < self.estimate_epochs <= 1):
             raise ValueError(f"mlc option estimate_epochs must be a fraction in (0, 1], got {self.estimate_epochs!r}")
+        from_glc = isinstance(self.t_init, str) and self.t_init == "glc"  # an estimate phase first
         if self.estimate_patience is None:  # an estimate phase selects its epoch (version 3)
-            self.estimate_patience = 2 if isinstance(self.t_init, str) and self.t_init == "glc" else 0
+            self.estimate_patience = 2 if from_glc else 0
         if isinstance(self.estimate_patience, bool) or not isinstance(self.estimate_patience, int) \
                 or self.estimate_patience < 0:
             raise ValueError(f"mlc option estimate_patience must be an integer >= 0, got {self.estimate_patience!r}")
@@ -376,19 +377,19 @@ class MLC(Method):
         if self.estimate_patience and not self.estimate_holdout:
             raise ValueError("mlc option estimate_patience needs estimate_holdout > 0 (the held-out noisy examples "
                              "it selects the epoch on)")
+        # the estimate phase holds noisy examples out and selects its epoch on them
+        selects_epoch = from_glc and bool(self.estimate_patience)
         if self.trusted_weight is None:
             # version 5: the relative information where the estimate phase measures it (the
             # tested rule's own defaults); the geometric weight where it cannot
-            selects = isinstance(self.t_init, str) and self.t_init == "glc" and self.estimate_patience
-            self.trusted_weight = ("relative_debiased" if selects else "geometric") if self.t_update == "tested" else 1.0
+            self.trusted_weight = ("relative_debiased" if selects_epoch else "geometric") if self.t_update == "tested" else 1.0
         if self.trusted_weight not in TRUSTED_WEIGHT_RULES and not (
                 isinstance(self.trusted_weight, (int, float)) and not isinstance(self.trusted_weight, bool)
                 and math.isfinite(self.trusted_weight) and self.trusted_weight > 0):
             *first, last = (repr(rule) for rule in TRUSTED_WEIGHT_RULES)
             raise ValueError(f"mlc option trusted_weight must be a number > 0, {', '.join(first)} or {last}, "
                              f"got {self.trusted_weight!r}")
-        if self.trusted_weight == "relative_debiased" and not (
-                isinstance(self.t_init, str) and self.t_init == "glc" and self.estimate_patience):
+        if self.trusted_weight == "relative_debiased" and not selects_epoch:
             raise ValueError("mlc option trusted_weight='relative_debiased' measures the noisy labels' information "
                              "on the estimate phase's held-out noisy examples: it needs t_init='glc' and "
                              f"estimate_patience >= 1, got t_init={self.t_init if isinstance(self.t_init, str) else 'a matrix'!r} "
@@ -396,7 +397,7 @@ class MLC(Method):
         self.phases = ((Phase("estimate", "noisy", epoch_fraction=float(self.estimate_epochs),
                               holdout=float(self.estimate_holdout) if self.estimate_patience else 0.0),
                         Phase("mlc", "paired", reinit=True))
-                       if isinstance(self.t_init, str) and self.t_init == "glc" else (Phase("mlc", "paired"),))
+                       if from_glc else (Phase("mlc", "paired"),))
         self.loss_fn = CORRECTED_LOSSES[self.t_space]
         self.T: torch.Tensor | None = None
         self.updater: TUpdate | None = None
@@ -558,13 +559,13 @@ class MLC(Method):
         if self._weight is None:  # computed once, at the MLC phase's first trusted step
             n_noisy, n_trusted = _examples(ctx.noisy_loader), _examples(ctx.trusted_loader)
             weight = int(self.update_every) * n_trusted / max(n_noisy, 1)
-            share = self._selected_relative_share() if self.trusted_weight == "relative_debiased" else None
-            if share is not None:
-                weight = weight / min(max(share, RELATIVE_SHARE_FLOOR), 1.0)
+            if self.trusted_weight == "relative_debiased":
+                share = self._selected_relative_share()
+                weight = math.sqrt(weight) if share is None else weight / min(max(share, RELATIVE_SHARE_FLOOR), 1.0)
             elif self.trusted_weight == "information":
                 share = label_information_share(self.T_start, _class_prior(ctx.trusted_loader, ctx.num_classes))
                 weight = min(1.0, weight / max(share, 1e-12))
-            elif self.trusted_weight in ("geometric", "relative_debiased"):
+            elif self.trusted_weight == "geometric":
                 weight = math.sqrt(weight)
             self._weight = weight
         return self._weight
