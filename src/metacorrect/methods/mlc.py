@@ -42,8 +42,9 @@ alone.
   information that a noisy label carries, measured at the selected estimate epoch: the
   information the network's predictions carry about the held-out noisy labels over what
   they carry about the trusted labels, each less the same with the labels permuted (the
-  plug-in bias), r clamped to ``[0.01, 1]``. A trusted example then weighs ``1/r`` noisy
-  ones. The method computes it from the sizes of the two sets and the estimate phase's
+  plug-in bias), r clamped to ``[0.01, 1]`` (the floor also where the predictions say
+  nothing about the trusted labels: the noisy labels taught nothing). A trusted example
+  then weighs ``1/r`` noisy ones. The method computes it from the sizes of the two sets and the estimate phase's
   predictions.
 
 Why it won (chosen on held-out clean validation data — 20 % of the trusted set, never the
@@ -182,10 +183,12 @@ def _relative_share(noisy_information: float, clean_information: float) -> float
     """r = I(Ŷ; Ỹ) / I(Ŷ; Y): the information the estimate network's predictions carry about
     held-out noisy labels, as a share of what they carry about trusted (clean) labels — how
     many clean labels' worth of evidence a noisy label is, for this network, measured rather
-    than inferred from T's estimate (both debiased, :func:`prediction_information`). 1 where
-    the trusted labels' information is not positive (no evidence either way)."""
+    than inferred from T's estimate (both debiased, :func:`prediction_information`). 0 where
+    the trusted labels' information is not positive: a network trained on the noisy labels
+    that says nothing about clean ones means those labels taught nothing (its weight is then
+    the floor's; chosen on validation, docs/RESULTS.md, version 5)."""
     if not clean_information > 0:
-        return 1.0
+        return 0.0
     return max(noisy_information, 0.0) / clean_information
 
 
