@@ -1,6 +1,8 @@
-"""The information measures behind MLC's ``'relative_debiased'`` trusted weight, and the
-weight itself: r = 1 for clean labels, r -> 0 for uninformative ones, the plug-in bias
-removed, the permutation seeded (an exact resume), bad options refused."""
+"""The information measures behind MLC's relative trusted weights (``'relative_debiased'``,
+version 5, and ``'relative_tested'``, version 6), and the weights themselves: r = 1
+for clean labels, r -> 0 for uninformative ones, the plug-in bias removed, the permutation
+seeded (an exact resume), a trusted side without information beyond chance read as none,
+bad options refused."""
 
 import math
 
@@ -10,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from metacorrect.methods import create_method
-from metacorrect.methods.information import (_mutual_information, label_information_share, prediction_information,
-                                             prediction_joint)
+from metacorrect.methods.information import (_mutual_information, carries_information, label_information_share,
+                                             prediction_information, prediction_joint)
 from metacorrect.methods.mlc import RELATIVE_SHARE_FLOOR, _relative_share
 from metacorrect.train import TensorBatchLoader, TrainContext
 
@@ -65,21 +67,72 @@ def test_relative_share_of_a_perfect_network_is_the_labels_share_of_information(
     assert _relative_share(0.3, 0.0) == 0.0 and _relative_share(0.0, -0.02) == 0.0
 
 
-def _digits_fit(strength, epochs=3, **kw):
-    result, _, balanced = fit_digits_mlc("uniform_mix", strength, epochs, trusted_weight="relative_debiased", **kw)
+def test_the_permutation_test_finds_information_only_where_there_is_some():
+    g = torch.Generator().manual_seed(3)
+    # the shape of MNIST's 0.1 % trusted set: 60 images, 10 classes. Predictions independent
+    # of the labels: the test (p < 0.01) says "information" in 1 % of draws; seeded, these
+    # five draws never do, while the debiased information is positive in some of them
+    positive = 0
+    for _ in range(5):
+        labels = torch.randint(0, 10, (60,), generator=g)
+        probs = torch.softmax(torch.randn(60, 10, generator=g), 1)
+        assert not carries_information(probs, labels)
+        positive += prediction_information(probs, labels) > 0
+    assert positive >= 1  # what the sign of the debiased information alone would have taken for evidence
+    # a network that names 60 % of the classes right (the rest at random) is clearly informative
+    labels = torch.randint(0, 10, (60,), generator=g)
+    guess = torch.where(torch.rand(60, generator=g) < 0.6, labels, torch.randint(0, 10, (60,), generator=g))
+    assert carries_information(F.one_hot(guess, 10).double() * 0.9 + 0.01, labels)
+    shuffled = torch.randperm(60, generator=g)  # and the answer does not depend on the examples' order
+    probs = torch.softmax(torch.randn(60, 10, generator=g), 1)
+    assert carries_information(probs, labels) == carries_information(probs[shuffled], labels[shuffled])
+
+
+def _digits_fit(strength, epochs=3, trusted_weight="relative_debiased", **kw):
+    result, _, balanced = fit_digits_mlc("uniform_mix", strength, epochs, trusted_weight=trusted_weight, **kw)
     return result, balanced
+
+
+def _selected_r(result):
+    estimates = [m for m in result.history if m["phase"] == "estimate"]
+    return estimates[estimates[-1]["estimate_epoch"] - 1]["relative_information"]
 
 
 @pytest.mark.parametrize("strength, low, high", [(0.0, 0.8, 1.2), (1.0, -0.05, 0.1)])
 def test_relative_weight_on_digits_is_balanced_for_clean_labels_and_heavier_for_useless_ones(strength, low, high):
     result, balanced = _digits_fit(strength)
-    estimates = [m for m in result.history if m["phase"] == "estimate"]
-    r = estimates[estimates[-1]["estimate_epoch"] - 1]["relative_information"]
+    r = _selected_r(result)
     # clean labels: a noisy label is worth a clean one (r = 1 but for the two sets' sampling
     # error); uniform_mix 1.0: the noisy labels are drawn independently of the class
     assert low < r < high
     assert result.method._weight == pytest.approx(balanced / min(max(r, RELATIVE_SHARE_FLOOR), 1.0), rel=1e-9)
     assert result.method.version == 5
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_version_6_weight_is_version_5s_where_the_trusted_side_carries_information(strength):
+    # digits' trusted set (180 images) is informative to the estimate network at both
+    # strengths (at 1.0 its random features still separate the digits): the test passes and
+    # version 6 trains exactly as version 5
+    v6, balanced = _digits_fit(strength, trusted_weight="relative_tested")
+    v5, _ = _digits_fit(strength)
+    assert v6.method.version == 6 and v5.method.version == 5
+    assert all(e["information"][2] for e in v6.method._estimates)
+    assert _selected_r(v6) == _selected_r(v5)
+    assert v6.method._weight == v5.method._weight
+    assert np.array_equal(v6.T, v5.T)
+
+
+def test_version_6_reads_a_trusted_side_without_information_beyond_chance_as_none():
+    mlc = create_method("mlc", trusted_weight="relative_tested")
+    # the trusted side's debiased information is positive but not beyond chance: r = 0, where
+    # version 5 divides by it (here r = 6: clamped to 1, the balanced weight)
+    assert mlc._relative_share((0.03, 0.005, False)) == 0.0
+    assert mlc._relative_share((0.03, 0.06, True)) == pytest.approx(0.5)
+    v5 = create_method("mlc", trusted_weight="relative_debiased")
+    assert v5._relative_share((0.03, 0.005, False)) == pytest.approx(6.0)
+    # a version 5 checkpoint's measurements have no test: taken as measured
+    assert mlc._relative_share((0.03, 0.06)) == pytest.approx(0.5)
 
 
 def test_relative_weight_resumes_bit_exactly(tmp_path):
@@ -110,8 +163,9 @@ def test_relative_weight_resumes_bit_exactly(tmp_path):
         assert mlc._trusted_weight(ctx) == pytest.approx(math.sqrt(5 * 20 / 100))
 
 
+@pytest.mark.parametrize("rule", ["relative_debiased", "relative_tested"])
 @pytest.mark.parametrize("options", [{"t_init": "identity"}, {"estimate_patience": 0}])
-def test_relative_weight_needs_an_estimate_phase_that_holds_out_noisy_examples(options):
-    with pytest.raises(ValueError, match="trusted_weight='relative_debiased' .* needs t_init='glc' and "
+def test_relative_weight_needs_an_estimate_phase_that_holds_out_noisy_examples(options, rule):
+    with pytest.raises(ValueError, match=f"trusted_weight='{rule}' .* needs t_init='glc' and "
                                          "estimate_patience >= 1"):
-        create_method("mlc", trusted_weight="relative_debiased", **options)
+        create_method("mlc", trusted_weight=rule, **options)

@@ -422,7 +422,7 @@ def test_mlc_information_trusted_weight_divides_the_balanced_one_by_the_share():
 
 def test_mlc_rejects_a_bad_trusted_weight():
     for bad in (0, -1.0, float("nan"), "5", True):
-        with pytest.raises(ValueError, match="trusted_weight must be a number > 0, 'balanced', 'information', 'geometric' or 'relative_debiased'"):
+        with pytest.raises(ValueError, match="trusted_weight must be a number > 0, 'balanced', 'information', 'geometric', 'relative_debiased' or 'relative_tested'"):
             create_method("mlc", trusted_weight=bad)
 
 

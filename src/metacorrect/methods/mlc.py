@@ -16,7 +16,7 @@ The full iteration runs on every ``update_every``-th step (5 by default, 3 with 
 rules); the steps in between are optimizer steps on ``L_noisy(w, T)`` with the current T
 alone.
 
-**The default (algorithm version 5)**, the same for every dataset (no preset overrides it):
+**The default (algorithm version 6)**, the same for every dataset (no preset overrides it):
 
 * ``t_init='glc'``: a first phase trains the network on the noisy data with cross-entropy
   (GLC's phase 1); T starts from GLC's estimate on the trusted set and the network is
@@ -37,15 +37,15 @@ alone.
   stays where it is; with a consistent signal it gets anywhere in the simplex;
 * ``update_every=5``: a meta step on every fifth iteration (docs/PERFORMANCE.md §8 for
   the cost against GLC);
-* ``trusted_weight='relative_debiased'``: the trusted cross-entropy weighs GLC's balanced
+* ``trusted_weight='relative_tested'``: the trusted cross-entropy weighs GLC's balanced
   weight ``update_every · n_trusted / n_noisy`` divided by r, the share of a clean label's
   information that a noisy label carries, measured at the selected estimate epoch: the
   information the network's predictions carry about the held-out noisy labels over what
   they carry about the trusted labels, each less the same with the labels permuted (the
-  plug-in bias), r clamped to ``[0.01, 1]`` (the floor also where the predictions say
-  nothing about the trusted labels: the noisy labels taught nothing). A trusted example
-  then weighs ``1/r`` noisy ones. The method computes it from the sizes of the two sets and the estimate phase's
-  predictions.
+  plug-in bias), r clamped to ``[0.01, 1]``. r is the floor where the predictions carry no
+  information about the trusted labels beyond chance (a permutation test): the noisy
+  labels taught nothing. A trusted example then weighs ``1/r`` noisy ones. The method
+  computes it from the sizes of the two sets and the estimate phase's predictions.
 
 Why it won (chosen on held-out clean validation data — 20 % of the trusted set, never the
 test set — and on T error against the T that made the noise; the tables are in
@@ -92,10 +92,18 @@ test set — and on T error against the T that made the noise; the tables are in
   permutation removes the plug-in bias of a 23 × 23 joint over ~1,400 held-out tokens,
   which had kept r too high at s = 1. On validation, paired with version 4, it was level
   on SST and ahead on Twitter POS and MNIST (docs/RESULTS.md, "MLC algorithm version 5").
+* the trusted side's test (version 6). r is a ratio, and where the trusted side's
+  information is a small number of either sign — a network that learned nothing, a small
+  trusted set — it comes out anywhere (6 and 15 where the truth is 0, in version 5's
+  grids), and the weight with it. Version 5 read only a non-positive trusted side as "no
+  information"; version 6 asks for information beyond chance (p < 0.01). A floor of
+  ``√balanced`` under the weight, tried beside it for MNIST's 0.1 % T drift, cost SST about
+  a point on validation and was dropped (docs/RESULTS.md, "MLC algorithm version 6").
 
 Other algorithms, one option each:
 
 * ``trusted_weight=1``: version 3 (the trusted cross-entropy at the noisy batch's weight);
+* ``trusted_weight='relative_debiased'``: version 5 (r's trusted side taken as measured);
 * ``trusted_weight='geometric'``: version 4 (``√balanced``, set by the sizes alone);
 * ``t_update='v1'``: metacorrect 0.1's MLC (T from I, ``meta_lr=0.01`` times the
   hypergradient over its largest entry on every meta step);
@@ -129,7 +137,7 @@ from ..meta import MetaGradient
 from . import register_method
 from .base import Method, Phase, ce_step
 from .estimators import glc_estimate
-from .information import label_information_share, prediction_information  # noqa: F401 (re-exported)
+from .information import carries_information, label_information_share, prediction_information  # noqa: F401 (re-exported)
 from .losses import CORRECTED_LOSSES
 from .t_update import DEFAULT_META_LR, T_UPDATES, TUpdate, project_stochastic  # noqa: F401 (re-exported)
 
@@ -144,8 +152,10 @@ RELEASED_VIRTUAL_LR = 1e-3 * 64
 SELECT_WITHIN_SE, STOP_BEYOND_SE = 1.0, 2.0
 
 # the trusted cross-entropy's weights computed from the data (MLC._trusted_weight); a number is the other kind
-TRUSTED_WEIGHT_RULES = ("balanced", "information", "geometric", "relative_debiased")
-# 'relative_debiased': the share r of a clean label's information a noisy one carries is
+TRUSTED_WEIGHT_RULES = ("balanced", "information", "geometric", "relative_debiased", "relative_tested")
+# the rules that measure r on the estimate phase's held-out noisy examples
+RELATIVE_RULES = ("relative_debiased", "relative_tested")
+# 'relative_*': the share r of a clean label's information a noisy one carries is
 # clamped to [RELATIVE_SHARE_FLOOR, 1] (a trusted example weighs at most 100 noisy ones)
 RELATIVE_SHARE_FLOOR = 0.01
 
@@ -210,7 +220,7 @@ class MLC(Method):
         trusted_ce: add cross-entropy on the trusted batch to the actual step.
         trusted_weight: the weight of that cross-entropy on the steps that carry it (the
             meta steps, and every ``update_every``-th step while T is held); ``None``:
-            ``'relative_debiased'`` for the tested rule from GLC's estimate with an epoch
+            ``'relative_tested'`` for the tested rule from GLC's estimate with an epoch
             selection (``'geometric'`` for the tested rule otherwise), 1 for the others.
             ``'balanced'``: ``update_every · n_trusted / n_noisy``, which gives each trusted
             example the weight of a noisy one over an epoch, as GLC's phase 2 does (the
@@ -230,6 +240,10 @@ class MLC(Method):
             weighs ``1/r`` noisy ones — one where the noisy labels are clean, up to 100 where
             they say nothing. Needs ``t_init='glc'`` and ``estimate_patience >= 1``; with
             streamed data (no hold-out) the geometric weight, with a warning.
+            ``'relative_tested'``: ``'relative_debiased'`` with r = 0 (the floor) where the
+            predictions' information about the trusted labels is not beyond chance (a
+            permutation test, :func:`~metacorrect.methods.information.carries_information`).
+            Same needs.
         t_init: ``'identity'``, ``'glc'`` (a GLC estimate from a first phase trained on the
             noisy data; the model is then re-initialised), or a C×C matrix (``None``:
             ``'glc'`` for the tested rule, ``'identity'`` for the others).
@@ -279,13 +293,14 @@ class MLC(Method):
     """
 
     NAME = "mlc"
+    # 6: the relative weight with its trusted side tested (``trusted_weight='relative_tested'``);
     # 5: the trusted cross-entropy's weight from the relative information of the noisy labels
     # (``trusted_weight='relative_debiased'``);
     # 4: the trusted cross-entropy at the geometric weight (``trusted_weight='geometric'``);
     # 3: the estimate phase's epoch selected on held-out noisy examples (``estimate_patience``);
     # 2: the tested T update (``t_update='tested'``) from the last estimate epoch; 1:
     # metacorrect 0.1's rule, which every run recorded before ``t_update`` existed used
-    VERSION = 5
+    VERSION = 6
 
     @classmethod
     def algorithm_version(cls, options):
@@ -300,7 +315,7 @@ class MLC(Method):
             return 2
         # version 3 gave the trusted cross-entropy the noisy batch's weight (1), or any other
         # than the versions' own
-        return {"geometric": 4, "relative_debiased": 5}.get(options.get("trusted_weight"), 3)
+        return {"geometric": 4, "relative_debiased": 5, "relative_tested": 6}.get(options.get("trusted_weight"), 3)
 
     virtual_lr: float = 0.1
     meta_lr: float | None = None
@@ -383,17 +398,17 @@ class MLC(Method):
         # the estimate phase holds noisy examples out and selects its epoch on them
         selects_epoch = from_glc and bool(self.estimate_patience)
         if self.trusted_weight is None:
-            # version 5: the relative information where the estimate phase measures it (the
+            # version 6: the relative information where the estimate phase measures it (the
             # tested rule's own defaults); the geometric weight where it cannot
-            self.trusted_weight = ("relative_debiased" if selects_epoch else "geometric") if self.t_update == "tested" else 1.0
+            self.trusted_weight = ("relative_tested" if selects_epoch else "geometric") if self.t_update == "tested" else 1.0
         if self.trusted_weight not in TRUSTED_WEIGHT_RULES and not (
                 isinstance(self.trusted_weight, (int, float)) and not isinstance(self.trusted_weight, bool)
                 and math.isfinite(self.trusted_weight) and self.trusted_weight > 0):
             *first, last = (repr(rule) for rule in TRUSTED_WEIGHT_RULES)
             raise ValueError(f"mlc option trusted_weight must be a number > 0, {', '.join(first)} or {last}, "
                              f"got {self.trusted_weight!r}")
-        if self.trusted_weight == "relative_debiased" and not selects_epoch:
-            raise ValueError("mlc option trusted_weight='relative_debiased' measures the noisy labels' information "
+        if self.trusted_weight in RELATIVE_RULES and not selects_epoch:
+            raise ValueError(f"mlc option trusted_weight={self.trusted_weight!r} measures the noisy labels' information "
                              "on the estimate phase's held-out noisy examples: it needs t_init='glc' and "
                              f"estimate_patience >= 1, got t_init={self.t_init if isinstance(self.t_init, str) else 'a matrix'!r} "
                              f"and estimate_patience={self.estimate_patience!r}")
@@ -437,10 +452,12 @@ class MLC(Method):
 
     def _trusted_estimate(self, ctx):
         """GLC's estimate of T from the current network on the trusted set, its accuracy
-        there, and the information its predictions carry about the trusted labels."""
+        there, the information its predictions carry about the trusted labels, and whether
+        that information is more than chance (:func:`carries_information`)."""
         probs, labels = ctx.predict_proba(ctx.trusted_loader)
         T0 = glc_estimate(probs.numpy(), labels.numpy(), ctx.num_classes)
-        return T0, float((probs.argmax(1) == labels).double().mean()), prediction_information(probs, labels)
+        return (T0, float((probs.argmax(1) == labels).double().mean()), prediction_information(probs, labels),
+                carries_information(probs, labels))
 
     def _holdout_losses(self, ctx) -> tuple[torch.Tensor, float]:
         """The network's negative log-likelihood of each held-out noisy example's label, and
@@ -458,11 +475,12 @@ class MLC(Method):
         if self.phases[index].name != "estimate" or not self.estimate_patience or ctx.holdout_loader is None:
             return False
         losses, noisy_information = self._holdout_losses(ctx)
-        T0, acc, clean_information = self._trusted_estimate(ctx)
+        T0, acc, clean_information, clean_informative = self._trusted_estimate(ctx)
+        information = (noisy_information, clean_information, clean_informative)
         metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
-        metrics["relative_information"] = _relative_share(noisy_information, clean_information)
+        metrics["relative_information"] = self._relative_share(information)
         self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32),
-                                "information": (noisy_information, clean_information)})
+                                "information": information})
         z = self._z_from_best()
         metrics["estimate_epoch"] = self._selected(z)["epoch"] + 1
         patience = int(self.estimate_patience)
@@ -556,13 +574,13 @@ class MLC(Method):
 
     def _trusted_weight(self, ctx) -> float:
         """The trusted cross-entropy's weight (``trusted_weight``; the rules from the sizes of
-        the two sets and, for ``'relative_debiased'``, the estimate phase's measurements)."""
+        the two sets and, for the relative rules, the estimate phase's measurements)."""
         if not isinstance(self.trusted_weight, str):
             return float(self.trusted_weight)
         if self._weight is None:  # computed once, at the MLC phase's first trusted step
             n_noisy, n_trusted = _examples(ctx.noisy_loader), _examples(ctx.trusted_loader)
             weight = int(self.update_every) * n_trusted / max(n_noisy, 1)
-            if self.trusted_weight == "relative_debiased":
+            if self.trusted_weight in RELATIVE_RULES:
                 share = self._selected_relative_share()
                 weight = math.sqrt(weight) if share is None else weight / min(max(share, RELATIVE_SHARE_FLOOR), 1.0)
             elif self.trusted_weight == "information":
@@ -579,12 +597,22 @@ class MLC(Method):
         measure it on (streamed data): the weight is then the geometric one."""
         selected = self._selected() if self._estimates else None
         if selected is None or "information" not in selected:
-            warnings.warn("mlc trusted_weight='relative_debiased' measures the noisy labels' information on "
+            warnings.warn(f"mlc trusted_weight={self.trusted_weight!r} measures the noisy labels' information on "
                           "held-out noisy examples, which this run's estimate phase did not have (streamed "
                           "data, or a checkpoint from before the weight existed); using the 'geometric' "
                           "weight instead", stacklevel=4)
             return None
-        return _relative_share(*selected["information"])
+        return self._relative_share(selected["information"])
+
+    def _relative_share(self, information: tuple) -> float:
+        """r from an estimate epoch's measurements (noisy side's information, trusted side's,
+        and whether the trusted side's is more than chance — absent in checkpoints of version
+        5): ``'relative_tested'`` reads a trusted side without information beyond chance
+        as none (r = 0, the floor's weight); ``'relative_debiased'`` uses its value as measured."""
+        noisy_information, clean_information, *test = information
+        if self.trusted_weight == "relative_tested" and test and not test[0]:
+            clean_information = 0.0
+        return _relative_share(noisy_information, clean_information)
 
     def _actual_step(self, ctx, loss, loss_c):
         """The optimizer step on the noisy loss plus the weighted trusted cross-entropy."""
