@@ -135,25 +135,27 @@ def test_version_6_reads_a_trusted_side_without_information_beyond_chance_as_non
     assert mlc._relative_share((0.03, 0.06)) == pytest.approx(0.5)
 
 
-def test_relative_weight_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("rule", ["relative_debiased", "relative_tested"])
+def test_relative_weight_resumes_bit_exactly(tmp_path, rule):
     class Interrupt(Exception):
         pass
 
-    full, _ = _digits_fit(0.6, checkpoint_path=tmp_path / "full.pt")
+    full, _ = _digits_fit(0.6, trusted_weight=rule, checkpoint_path=tmp_path / "full.pt")
 
     def stop(metrics):
         if metrics["epoch"] == 4:  # inside the MLC phase, its weight computed from the estimates
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _digits_fit(0.6, checkpoint_path=tmp_path / "cut.pt", callbacks=[stop])
-    resumed, _ = _digits_fit(0.6, checkpoint_path=tmp_path / "cut.pt", resume=True)
+        _digits_fit(0.6, trusted_weight=rule, checkpoint_path=tmp_path / "cut.pt", callbacks=[stop])
+    resumed, _ = _digits_fit(0.6, trusted_weight=rule, checkpoint_path=tmp_path / "cut.pt", resume=True)
+    assert [e["information"] for e in resumed.method._estimates] == [e["information"] for e in full.method._estimates]
     assert resumed.method._weight == full.method._weight
     assert np.array_equal(resumed.T, full.T)
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
     # an MLC phase started from a checkpoint saved before the estimates held the information
     # (an older version's): the weight falls back to the geometric one, with a warning
-    mlc = create_method("mlc", trusted_weight="relative_debiased")
+    mlc = create_method("mlc", trusted_weight=rule)
     mlc._estimates = [{"epoch": 0, "losses": torch.ones(3), "T": torch.eye(3)}]
     ctx = TrainContext(model=full.model, optimizer=None, device=torch.device("cpu"), num_classes=10,
                        noisy_loader=TensorBatchLoader(torch.zeros(100, 2), torch.zeros(100, dtype=torch.long), 10),
