@@ -118,6 +118,7 @@ def test_version_6_weight_is_version_5s_where_the_trusted_side_carries_informati
     v5, _ = _digits_fit(strength)
     assert v6.method.version == 6 and v5.method.version == 5
     assert all(e["information"][2] for e in v6.method._estimates)
+    assert all(m["trusted_informative"] == 1.0 for m in v6.history if m["phase"] == "estimate")
     assert _selected_r(v6) == _selected_r(v5)
     assert v6.method._weight == v5.method._weight
     assert np.array_equal(v6.T, v5.T)

@@ -479,6 +479,7 @@ class MLC(Method):
         information = (noisy_information, clean_information, clean_informative)
         metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
         metrics["relative_information"] = self._relative_share(information)
+        metrics["trusted_informative"] = float(clean_informative)  # the trusted side passed the permutation test
         self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32),
                                 "information": information})
         z = self._z_from_best()
