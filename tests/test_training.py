@@ -317,7 +317,7 @@ def test_mlc_estimate_patience_stops_the_estimate_phase_and_starts_T_from_its_be
 
         def _trusted_estimate(self, ctx):
             e = ctx.epoch_in_phase
-            return np.full((3, 3), 0.1) + np.eye(3) * (0.7 - 0.1 * e), 0.5, 1.0
+            return np.full((3, 3), 0.1) + np.eye(3) * (0.7 - 0.1 * e), 0.5, 1.0, True
 
         def step(self, ctx, noisy, trusted):
             if trusted is None:
