@@ -128,12 +128,12 @@ def test_version_6_reads_a_trusted_side_without_information_beyond_chance_as_non
     mlc = create_method("mlc", trusted_weight="relative_tested")
     # the trusted side's debiased information is positive but not beyond chance: r = 0, where
     # version 5 divides by it (here r = 6: clamped to 1, the balanced weight)
-    assert mlc._relative_share((0.03, 0.005, False)) == 0.0
-    assert mlc._relative_share((0.03, 0.06, True)) == pytest.approx(0.5)
+    assert mlc._share_from((0.03, 0.005, False)) == 0.0
+    assert mlc._share_from((0.03, 0.06, True)) == pytest.approx(0.5)
     v5 = create_method("mlc", trusted_weight="relative_debiased")
-    assert v5._relative_share((0.03, 0.005, False)) == pytest.approx(6.0)
+    assert v5._share_from((0.03, 0.005, False)) == pytest.approx(6.0)
     # a version 5 checkpoint's measurements have no test: taken as measured
-    assert mlc._relative_share((0.03, 0.06)) == pytest.approx(0.5)
+    assert mlc._share_from((0.03, 0.06)) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("rule", ["relative_debiased", "relative_tested"])

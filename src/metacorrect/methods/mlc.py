@@ -481,7 +481,7 @@ class MLC(Method):
         T0, acc, clean_information, clean_informative = self._trusted_estimate(ctx)
         information = (noisy_information, clean_information, clean_informative)
         metrics["holdout_nll"], metrics["trusted_acc"] = float(losses.mean()), acc
-        metrics["relative_information"] = self._relative_share(information)
+        metrics["relative_information"] = self._share_from(information)
         metrics["trusted_informative"] = float(clean_informative)  # the trusted side passed the permutation test
         self._estimates.append({"epoch": epoch, "losses": losses, "T": torch.tensor(T0, dtype=torch.float32),
                                 "information": information})
@@ -606,9 +606,9 @@ class MLC(Method):
                           "data, or a checkpoint from before the weight existed); using the 'geometric' "
                           "weight instead", stacklevel=4)
             return None
-        return self._relative_share(selected["information"])
+        return self._share_from(selected["information"])
 
-    def _relative_share(self, information: tuple) -> float:
+    def _share_from(self, information: tuple) -> float:
         """r from an estimate epoch's measurements (noisy side's information, trusted side's,
         and whether the trusted side's is more than chance — absent in checkpoints of version
         5): ``'relative_tested'`` reads a trusted side without information beyond chance
