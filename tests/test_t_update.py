@@ -76,6 +76,41 @@ def test_tested_rule_reaches_a_far_T_from_a_consistent_signal_whatever_its_scale
         assert t_error(T.numpy(), target.numpy()) < 0.15, scale
 
 
+def _moves_under(bias: float, independent, steps: int = 600) -> int:
+    """Moves of the tested rule under a hypergradient of a fixed bias in one entry plus unit
+    noise everywhere (a pull that repeats in every step, as a few reused trusted examples give)."""
+    up = TUpdate("tested", 0.05, steps, independent=independent)
+    gen = torch.Generator().manual_seed(3)
+    T = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    for _ in range(steps):
+        g = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+        g[0, 1] += bias
+        T = up.step(T, g)
+    return up.moves
+
+
+def test_capped_evidence_holds_T_against_a_small_repeated_pull_and_follows_a_large_one():
+    # bias 0.5 standard deviations: over n steps since the last move z ≈ 0.5·√n, past 3.5 once
+    # n ≥ 49 — without a cap the entry moves; capped at 2 independent steps z ≈ 0.5·√2 ≈ 0.7,
+    # which noise lifts past 3.5 only in a tail (P(|t_9| > 3.5·√(10/2)) is ~1e-8 per look)
+    assert _moves_under(0.5, None) >= 5
+    assert _moves_under(0.5, 2.0) == 0
+    # a pull 20 standard deviations strong passes even at one independent step: z ≈ 20 per look
+    assert _moves_under(20.0, 1.0) >= 5
+
+
+def test_capped_evidence_rejects_a_cap_below_one():
+    with pytest.raises(ValueError, match="independent meta steps must be >= 1 or None, got 0.5"):
+        TUpdate("tested", 0.05, 100, independent=0.5)
+
+
+def test_mlc_caps_the_evidence_at_its_disjoint_trusted_batches_only_when_asked():
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(trusted_loader=[None] * 7)  # a loader of 7 batches per pass
+    assert create_method("mlc", t_evidence="trusted_batches")._independent_steps(ctx) == 7.0
+    assert create_method("mlc")._independent_steps(ctx) is None  # the default counts every meta step
+
+
 def test_tested_rule_state_resumes_bit_exactly():
     gen = torch.Generator().manual_seed(2)
     grads = [torch.randn(3, 3, generator=gen) + torch.tensor([[0.5, -0.5, 0], [0, 0, 0], [0, 0, 0]])
@@ -113,6 +148,7 @@ def test_a_switch_given_as_a_string_is_refused_not_read_as_true():
     ({"t_blocks": 0}, "t_blocks must be >= 1"),
     ({"z_crit": -1.0}, "z_crit must be >= 0"),
     ({"update_every": 0}, "update_every must be >= 1"),
+    ({"t_evidence": "all"}, re.escape("t_evidence must be one of ('meta_steps', 'trusted_batches'), got 'all'")),
 ])
 def test_bad_mlc_options_name_the_option_and_the_allowed_values(options, message):
     with pytest.raises(ValueError, match=message):

@@ -119,6 +119,12 @@ Other algorithms, one option each:
   estimate: :meth:`estimated_T` returns it all the same;
 * ``t_update='adam'``: Adam on T with a cosine-decayed step (the end-to-end T learners'
   optimiser), for comparison.
+* ``t_evidence='trusted_batches'``: the tested rule counts at most the trusted set's
+  disjoint batches as independent meta steps, so that a pull of a few reused trusted
+  examples cannot pass its test (:mod:`~metacorrect.methods.t_update`). It holds T at
+  GLC's estimate on small trusted sets: it removed MNIST's T drift at 0.1 % trusted but
+  cost Twitter POS at 1 % on validation, where the moving T is a correction the network
+  needs; not adopted (``benchmarks/results/mlc_t_update.md``, round 11).
 
 A class absent from the trusted set gets a uniform row from GLC's estimate (with a
 warning); the tested rule moves it only where the hypergradient says so.
@@ -161,6 +167,9 @@ RELATIVE_RULES = ("relative_debiased", "relative_tested")
 # 'relative_*': the share r of a clean label's information a noisy one carries is
 # clamped to [RELATIVE_SHARE_FLOOR, 1] (a trusted example weighs at most 100 noisy ones)
 RELATIVE_SHARE_FLOOR = 0.01
+# the tested rule's count of independent evidence (MLC._independent_steps): every meta step
+# ('meta_steps'), or at most the trusted set's disjoint batches ('trusted_batches')
+T_EVIDENCE = ("meta_steps", "trusted_batches")
 
 
 def _examples(loader) -> int:
@@ -218,6 +227,9 @@ class MLC(Method):
             released 0.11, adam 0.01).
         t_blocks, z_crit: the tested rule's number of looks at the evidence over the run
             and its threshold in standard errors.
+        t_evidence: what the tested rule's standard error counts as independent:
+            ``'meta_steps'`` (default: every meta step) or ``'trusted_batches'`` (at most the
+            trusted set's disjoint batches, :meth:`_independent_steps`).
         t_warmup: fraction of the MLC phase at its start during which T is held (``None``:
             0.3 for the tested rule, 0 for the others).
         trusted_ce: add cross-entropy on the trusted batch to the actual step.
@@ -324,6 +336,7 @@ class MLC(Method):
     meta_lr: float | None = None
     t_update: str = "tested"
     t_blocks: int = 100
+    t_evidence: str = "meta_steps"
     t_warmup: float | None = None
     z_crit: float = 3.5
     trusted_ce: bool = True
@@ -373,6 +386,8 @@ class MLC(Method):
             self.t_warmup = 0.3 if self.t_update == "tested" else 0.0
         if not (isinstance(self.meta_lr, (int, float)) and math.isfinite(self.meta_lr) and self.meta_lr > 0):
             raise ValueError(f"mlc option meta_lr must be a number > 0, got {self.meta_lr!r}")
+        if self.t_evidence not in T_EVIDENCE:
+            raise ValueError(f"mlc option t_evidence must be one of {T_EVIDENCE}, got {self.t_evidence!r}")
         if int(self.t_blocks) < 1:
             raise ValueError(f"mlc option t_blocks must be >= 1, got {self.t_blocks}")
         if not 0.0 <= float(self.t_warmup) < 1.0:
@@ -523,10 +538,18 @@ class MLC(Method):
             steps = self._phase_steps(ctx) - self._t_warmup_steps(ctx)
             self.updater = TUpdate(self.t_update, self.meta_lr, math.ceil(steps / int(self.update_every)),
                                    dim=1 if self.normalise == "rows" else 0, blocks=int(self.t_blocks),
-                                   z_crit=float(self.z_crit))
+                                   z_crit=float(self.z_crit), independent=self._independent_steps(ctx))
             if self._updater_state is not None:
                 self.updater.load_state_dict(self._updater_state, self.T.device)
         return self.updater
+
+    def _independent_steps(self, ctx) -> float | None:
+        """The tested rule's cap on the meta steps its standard error counts as independent
+        (``t_evidence='trusted_batches'``): the number of disjoint trusted batches, each rank's
+        loader's batches per pass (distributed, a global batch is one batch of every rank)."""
+        if self.t_evidence == "meta_steps":
+            return None
+        return float(max(len(ctx.trusted_loader), 1))
 
     def step(self, ctx, noisy, trusted):
         if self.phases[0].name == "estimate" and noisy is not None and trusted is None:

@@ -17,6 +17,15 @@ Rules (``MLC(t_update=...)``):
   truth, T gets there at ``meta_lr`` per block whatever the trusted set's size. ``B`` is
   computed from the run's length so that every run has ``blocks`` blocks
   (``B = max(min_block, ⌈N / blocks⌉)`` for ``N`` meta steps in all).
+  ``independent`` caps the number of meta steps the standard error counts as independent
+  (``None``: no cap). Every hypergradient is a clean loss on batches of one fixed trusted
+  set: once the meta steps since an entry last moved have seen every trusted example, more
+  of them add evidence about the noisy batches but none about the trusted set, and a
+  pull particular to those few examples repeats in every step. MLC sets the cap to the
+  number of disjoint trusted batches (the trusted set's size over its batch size), the
+  most independent draws of the clean loss the set holds: the standard error of a mean is
+  never taken below what that many independent steps give (conservative: it treats all of
+  a step's variance as the trusted batch's).
 * ``'adam'``: Adam on T (moments of the raw hypergradient) with ``meta_lr`` decayed to 0
   along a cosine over the run: the usual end-to-end T learner's optimiser. Kept for
   comparison.
@@ -51,11 +60,14 @@ class TUpdate:
     number of meta steps the run will make (computed by the method from the data)."""
 
     def __init__(self, rule: str, lr: float, total: int, dim: int = 1, *, blocks: int = 100,
-                 min_block: int = 10, z_crit: float = 3.5):
+                 min_block: int = 10, z_crit: float = 3.5, independent: float | None = None):
         if rule not in T_UPDATES:
             raise ValueError(f"mlc option t_update must be one of {T_UPDATES}, got {rule!r}")
         self.rule, self.lr, self.total, self.dim = rule, float(lr), max(int(total), 1), dim
         self.z_crit = float(z_crit)
+        if independent is not None and not independent >= 1:
+            raise ValueError(f"the tested rule's cap on independent meta steps must be >= 1 or None, got {independent!r}")
+        self.independent = None if independent is None else float(independent)
         self.block = max(int(min_block), math.ceil(self.total / max(int(blocks), 1)))
         self.count = 0
         self.moves = 0  # entries moved by the tested rule so far (a diagnostic)
@@ -95,7 +107,8 @@ class TUpdate:
         n = self.n
         mean = self.sum / n
         var = (self.sum_sq / n - mean * mean).clamp_min(0) * n / (n - 1).clamp_min(1)
-        z = mean / (var / n).sqrt().clamp_min(1e-12)
+        counted = n if self.independent is None else n.clamp_max(self.independent)
+        z = mean / (var / counted).sqrt().clamp_min(1e-12)
         moved = z.abs() > self.z_crit
         for acc in (self.sum, self.sum_sq, self.n):
             acc.masked_fill_(moved, 0.0)  # evidence about the old T says nothing about the new one
