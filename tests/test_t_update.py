@@ -165,6 +165,7 @@ def test_released_and_v1_are_one_option_each_and_versioned():
     assert create_method("mlc").version == 6
     assert create_method("mlc").trusted_weight == "relative_tested"
     assert create_method("mlc", trusted_weight="relative_debiased").version == 5
+    assert create_method("mlc", t_evidence="trusted_batches").version == 7  # tried, not adopted
     assert create_method("mlc", trusted_weight="geometric").version == 4
     # from the identity there is no estimate phase to measure r on: the geometric weight
     assert create_method("mlc", t_init="identity").trusted_weight == "geometric"

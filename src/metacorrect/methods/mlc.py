@@ -308,6 +308,8 @@ class MLC(Method):
     """
 
     NAME = "mlc"
+    # 7 (tried, not adopted): the tested rule's evidence capped at the trusted set's disjoint
+    # batches (``t_evidence='trusted_batches'``, with any trusted weight);
     # 6: the relative weight with its trusted side tested (``trusted_weight='relative_tested'``);
     # 5: the trusted cross-entropy's weight from the relative information of the noisy labels
     # (``trusted_weight='relative_debiased'``);
@@ -328,6 +330,8 @@ class MLC(Method):
         no_selection = options.get("t_init") == "glc" and not options["estimate_patience"]
         if no_selection:
             return 2
+        if options.get("t_evidence", "meta_steps") == "trusted_batches":
+            return 7
         # version 3 gave the trusted cross-entropy the noisy batch's weight (1), or any other
         # than the versions' own
         return {"geometric": 4, "relative_debiased": 5, "relative_tested": 6}.get(options.get("trusted_weight"), 3)
