@@ -149,6 +149,9 @@ def test_a_switch_given_as_a_string_is_refused_not_read_as_true():
     ({"z_crit": -1.0}, "z_crit must be >= 0"),
     ({"update_every": 0}, "update_every must be >= 1"),
     ({"t_evidence": "all"}, re.escape("t_evidence must be one of ('meta_steps', 'trusted_batches'), got 'all'")),
+    ({"t_evidence": "trusted_batches", "t_update": "adam"},
+     re.escape("t_evidence='trusted_batches' caps the evidence of the tested rule's z-test; it needs "
+               "t_update='tested', got t_update='adam'")),
 ])
 def test_bad_mlc_options_name_the_option_and_the_allowed_values(options, message):
     with pytest.raises(ValueError, match=message):

@@ -392,6 +392,9 @@ class MLC(Method):
             raise ValueError(f"mlc option meta_lr must be a number > 0, got {self.meta_lr!r}")
         if self.t_evidence not in T_EVIDENCE:
             raise ValueError(f"mlc option t_evidence must be one of {T_EVIDENCE}, got {self.t_evidence!r}")
+        if self.t_evidence != "meta_steps" and self.t_update != "tested":
+            raise ValueError(f"mlc option t_evidence={self.t_evidence!r} caps the evidence of the tested rule's "
+                             f"z-test; it needs t_update='tested', got t_update={self.t_update!r}")
         if int(self.t_blocks) < 1:
             raise ValueError(f"mlc option t_blocks must be >= 1, got {self.t_blocks}")
         if not 0.0 <= float(self.t_warmup) < 1.0:
