@@ -114,7 +114,7 @@ def test_version_6_weight_is_version_5s_where_the_trusted_side_carries_informati
     # digits' trusted set (180 images) is informative to the estimate network at both
     # strengths (at 1.0 its random features still separate the digits): the test passes and
     # version 6 trains exactly as version 5
-    v6, balanced = _digits_fit(strength, trusted_weight="relative_tested")
+    v6, balanced = _digits_fit(strength, trusted_weight="relative_tested", noisy_evidence="ignored")
     v5, _ = _digits_fit(strength)
     assert v6.method.version == 6 and v5.method.version == 5
     assert all(e["information"][2] for e in v6.method._estimates)
@@ -172,3 +172,72 @@ def test_relative_weight_needs_an_estimate_phase_that_holds_out_noisy_examples(o
     with pytest.raises(ValueError, match=f"trusted_weight='{rule}' .* needs t_init='glc' and "
                                          "estimate_patience >= 1"):
         create_method("mlc", trusted_weight=rule, **options)
+
+
+def test_pooled_noisy_evidence_starts_T_from_identical_rows_where_the_noisy_labels_say_nothing():
+    # uniform_mix 1.0: the noisy labels are drawn independently of the class, so the estimate
+    # network's predictions carry nothing about the held-out ones (the test fails at every
+    # epoch, seeded); T starts with every row the noisy labels' class frequencies and r = 0
+    pooled, balanced = _digits_fit(1.0, trusted_weight="relative_tested", noisy_evidence="pooled")
+    mlc = pooled.method
+    assert mlc.version == 8
+    selected = mlc._selected()
+    assert selected["information"][3] is False
+    assert [m["noisy_informative"] for m in pooled.history if m["phase"] == "estimate"] == [0.0] * len(mlc._estimates)
+    frequencies = torch.bincount(pooled_noisy_labels(), minlength=10).float()
+    frequencies /= frequencies.sum()
+    assert torch.allclose(mlc.T_start, frequencies.expand(10, 10), atol=1e-6)
+    assert _selected_r(pooled) == 0.0
+    assert mlc._weight == pytest.approx(balanced / RELATIVE_SHARE_FLOOR, rel=1e-9)
+    # version 6 on the same data starts from GLC's estimate, whose rows differ
+    v6, _ = _digits_fit(1.0, trusted_weight="relative_tested", noisy_evidence="ignored")
+    assert (v6.method.T_start - v6.method.T_start.mean(0)).abs().max() > 0.01
+
+
+def pooled_noisy_labels():
+    from metacorrect.data import load_dataset
+    from metacorrect.data.splits import make_problem
+    return make_problem(load_dataset("digits"), "uniform_mix", 1.0, 0.1, 0).tensors("noisy")[1]
+
+
+def test_pooled_noisy_evidence_changes_nothing_where_the_noisy_labels_are_informative():
+    pooled, _ = _digits_fit(0.0, trusted_weight="relative_tested", noisy_evidence="pooled")
+    v6, _ = _digits_fit(0.0, trusted_weight="relative_tested", noisy_evidence="ignored")
+    assert all(e["information"][3] for e in pooled.method._estimates)
+    assert pooled.method._weight == v6.method._weight
+    assert np.array_equal(pooled.T, v6.T)
+    # a checkpoint of version 6 holds three measurements per epoch: read as an informative noisy side
+    mlc = create_method("mlc", noisy_evidence="pooled")
+    assert not mlc._uninformative_noisy({"information": (0.03, 0.06, True)})
+    assert mlc._share_from((0.03, 0.06, True)) == pytest.approx(0.5)
+    assert mlc._share_from((0.03, 0.06, True, False)) == 0.0
+
+
+def test_pooled_noisy_evidence_resumes_bit_exactly(tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    options = {"trusted_weight": "relative_tested", "noisy_evidence": "pooled"}
+    full, _ = _digits_fit(1.0, checkpoint_path=tmp_path / "full.pt", **options)
+
+    def stop(metrics):
+        if metrics["epoch"] == 4:  # inside the MLC phase, T started from the pooled rows
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _digits_fit(1.0, checkpoint_path=tmp_path / "cut.pt", callbacks=[stop], **options)
+    resumed, _ = _digits_fit(1.0, checkpoint_path=tmp_path / "cut.pt", resume=True, **options)
+    assert np.array_equal(resumed.T, full.T)
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"noisy_evidence": "drop"}, "noisy_evidence must be one of ('ignored', 'pooled'), got 'drop'"),
+    ({"noisy_evidence": "pooled", "trusted_weight": "geometric"},
+     "noisy_evidence='pooled' reads the estimate phase's held-out noisy side, measured for a relative trusted "
+     "weight: it needs trusted_weight='relative_tested' or 'relative_debiased', got trusted_weight='geometric'"),
+])
+def test_bad_noisy_evidence_is_refused_naming_the_allowed_values(options, message):
+    import re
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_method("mlc", **options)

@@ -157,7 +157,8 @@ def test_store_claims_each_run_once_and_keeps_finished_rows(tmp_path):
     with store.transaction() as con:
         con.execute("UPDATE runs SET status = 'done', resolved_json = ? WHERE run_id = ?",
                     (json.dumps({"method_options": {"update_every": 1, "virtual_lr": 0.1, "t_update": "tested",
-                                                     "estimate_patience": 2, "trusted_weight": "relative_tested"}}),
+                                                     "estimate_patience": 2, "trusted_weight": "relative_tested",
+                                                     "noisy_evidence": "pooled"}}),
                      b["run_id"]))
     mlc_one = load_sweep_config(write(tmp_path, TINY, "c.toml"), ["method_options.mlc.update_every=1"]).runs()
     assert store.register(mlc_one)["changed"] == 0

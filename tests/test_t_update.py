@@ -165,10 +165,13 @@ def test_released_and_v1_are_one_option_each_and_versioned():
     assert released.meta_lr == 0.11 and released.version == 3  # its algorithm has not changed since
     v1 = create_method("mlc", t_update="v1")
     assert v1.meta_lr == 0.01 and v1.version == 1
-    assert create_method("mlc").version == 6
+    assert create_method("mlc").version == 8
+    assert create_method("mlc").noisy_evidence == "pooled"
+    assert create_method("mlc", noisy_evidence="ignored").version == 6
     assert create_method("mlc").trusted_weight == "relative_tested"
     assert create_method("mlc", trusted_weight="relative_debiased").version == 5
-    assert create_method("mlc", t_evidence="trusted_batches").version == 7  # tried, not adopted
+    assert create_method("mlc", t_evidence="trusted_batches", noisy_evidence="ignored").version == 7  # not adopted
+    assert create_method("mlc", t_evidence="trusted_batches").version == 9  # the cap beside version 8
     assert create_method("mlc", trusted_weight="geometric").version == 4
     # from the identity there is no estimate phase to measure r on: the geometric weight
     assert create_method("mlc", t_init="identity").trusted_weight == "geometric"

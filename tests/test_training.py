@@ -212,7 +212,7 @@ def test_mlc_glc_initialisation_starts_from_the_glc_estimate_of_the_phase_one_ne
                 captured["expected"] = glc_estimate(probs.numpy(), labels.numpy(), 3)
                 captured["T0"] = self.T.cpu().double().numpy()
 
-    fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted, SpyMLC(t_init="glc"), epochs=2,
+    fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted, SpyMLC(t_init="glc", noisy_evidence="ignored"), epochs=2,
         num_classes=3)
     assert np.allclose(captured["T0"], captured["expected"], atol=1e-6)
     assert np.abs(captured["T0"] - 1 / 3).max() > 0.05  # not the near-uniform T of a fresh network
@@ -313,7 +313,7 @@ def test_mlc_estimate_patience_stops_the_estimate_phase_and_starts_T_from_its_be
     class Scripted(MLC):
         def _holdout_losses(self, ctx):
             assert ctx.holdout_loader.num_examples == 5  # estimate_holdout=0.1 of the 50 noisy examples
-            return script[ctx.epoch_in_phase], 0.5
+            return script[ctx.epoch_in_phase], 0.5, True
 
         def _trusted_estimate(self, ctx):
             e = ctx.epoch_in_phase
