@@ -187,6 +187,9 @@ def test_pooled_noisy_evidence_starts_T_from_identical_rows_where_the_noisy_labe
     frequencies = torch.bincount(pooled_noisy_labels(), minlength=10).float()
     frequencies /= frequencies.sum()
     assert torch.allclose(mlc.T_start, frequencies.expand(10, 10), atol=1e-6)
+    # and T stays there: no meta step can improve on rows that labels without information make equal
+    assert np.allclose(pooled.T, frequencies.expand(10, 10).numpy(), atol=1e-6)
+    assert mlc.updater is None
     assert _selected_r(pooled) == 0.0
     assert mlc._weight == pytest.approx(balanced / RELATIVE_SHARE_FLOOR, rel=1e-9)
     # version 6 on the same data starts from GLC's estimate, whose rows differ
