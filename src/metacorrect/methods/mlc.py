@@ -117,8 +117,9 @@ test set — and on T error against the T that made the noise; the tables are in
   Pooled rows leave the trusted cross-entropy alone, as long as the meta step does not move
   them (it did: T error 0.03 → 0.15 and test accuracy 55.7 → 42.8 % over the MLC phase of the
   Twitter grid's run), so T is held there. On validation, paired with version 6:
-  Twitter POS +5.9 points over 12 pairs (uniform_mix 1.0 at 1 %: +18, +13, +23), SST +0.3
-  over 8, MNIST −0.6 ± 1.1 over 4 (docs/RESULTS.md, "MLC algorithm version 8").
+  pooled rows (before the hold) Twitter POS +5.9 points over 12 pairs, SST +0.3 over 8, MNIST
+  −0.6 ± 1.1 over 4; held, at uniform_mix 1.0: Twitter 1 % +44, +28, +26, 5 % +2.1, +0.5, +4.6,
+  SST +1.5, +1.5, +0.7, +1.6, MNIST −2.5, +3.3, −0.3, +0.3 (docs/RESULTS.md, "MLC algorithm version 8").
 
 Other algorithms, one option each:
 
@@ -256,11 +257,12 @@ class MLC(Method):
         noisy_evidence: what a held-out noisy side without information beyond chance means
             (the estimate network's predictions at the selected epoch against the held-out
             noisy labels, :func:`~metacorrect.methods.information.carries_information`):
-            ``'ignored'`` (default: nothing) or ``'pooled'`` — the noisy labels say nothing
+            ``'ignored'`` (nothing) or ``'pooled'`` — the noisy labels say nothing
             about the class, so no row of T can be told from another: T is every row the noisy
             labels' class frequencies for the whole MLC phase (no meta step: the corrected
             loss has no gradient), and r = 0 (the floor's trusted weight).
-            Needs a relative trusted weight (the held-out measurements).
+            Needs a relative trusted weight (the held-out measurements). ``None``: ``'pooled'``
+            with the ``'relative_tested'`` weight (version 8), ``'ignored'`` otherwise.
         t_warmup: fraction of the MLC phase at its start during which T is held (``None``:
             0.3 for the tested rule, 0 for the others).
         trusted_ce: add cross-entropy on the trusted batch to the actual step.
