@@ -211,7 +211,7 @@ def test_pooled_noisy_evidence_changes_nothing_where_the_noisy_labels_are_inform
     assert np.array_equal(pooled.T, v6.T)
     # a checkpoint of version 6 holds three measurements per epoch: read as an informative noisy side
     mlc = create_method("mlc", noisy_evidence="pooled")
-    assert not mlc._uninformative_noisy({"information": (0.03, 0.06, True)})
+    assert not mlc._uninformative_noisy((0.03, 0.06, True))
     assert mlc._share_from((0.03, 0.06, True)) == pytest.approx(0.5)
     assert mlc._share_from((0.03, 0.06, True, False)) == 0.0
 

@@ -212,8 +212,8 @@ def test_mlc_glc_initialisation_starts_from_the_glc_estimate_of_the_phase_one_ne
                 captured["expected"] = glc_estimate(probs.numpy(), labels.numpy(), 3)
                 captured["T0"] = self.T.cpu().double().numpy()
 
-    fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted, SpyMLC(t_init="glc", noisy_evidence="ignored"), epochs=2,
-        num_classes=3)
+    fit(model, torch.optim.Adam(model.parameters(), 1e-2), noisy, trusted,
+        SpyMLC(t_init="glc", noisy_evidence="ignored"), epochs=2, num_classes=3)
     assert np.allclose(captured["T0"], captured["expected"], atol=1e-6)
     assert np.abs(captured["T0"] - 1 / 3).max() > 0.05  # not the near-uniform T of a fresh network
 

@@ -574,7 +574,8 @@ class MLC(Method):
 
     def begin_phase(self, ctx, index):
         if self.phases[index].name == "mlc" and len(self.phases) == 2:
-            if self._estimates and self._uninformative_noisy(self._selected()):
+            self._held = None  # the estimates are complete now: decide whether T is held
+            if self._holds_T():
                 # the noisy labels say nothing about the class: every row their class frequencies
                 T0 = _class_prior(ctx.noisy_loader, ctx.num_classes).float()[None, :].repeat(ctx.num_classes, 1)
             elif self._estimates:
@@ -698,13 +699,14 @@ class MLC(Method):
         about the class make every T with unequal rows wrong, so no meta step can improve on
         them (computed once from the estimates, which a checkpoint holds)."""
         if self._held is None:
-            self._held = bool(self._estimates) and self._uninformative_noisy(self._selected())
+            self._held = bool(self._estimates) and self._uninformative_noisy(self._selected().get("information", ()))
         return self._held
 
-    def _uninformative_noisy(self, estimate: dict) -> bool:
-        """``noisy_evidence='pooled'`` and this estimate epoch's held-out noisy side without
-        information beyond chance (absent in checkpoints of versions before 8: informative)."""
-        test = estimate.get("information", ())[3:]
+    def _uninformative_noisy(self, information: tuple) -> bool:
+        """``noisy_evidence='pooled'`` and an estimate epoch's measurements (``information``, as
+        :meth:`end_epoch` records them) with a held-out noisy side without information beyond
+        chance (the fourth entry, absent in checkpoints of versions before 8: informative)."""
+        test = tuple(information)[3:]
         return self.noisy_evidence == "pooled" and bool(test) and not test[0]
 
     def _share_from(self, information: tuple) -> float:
@@ -713,7 +715,7 @@ class MLC(Method):
         5): ``'relative_tested'`` reads a trusted side without information beyond chance
         as none (r = 0, the floor's weight); ``'relative_debiased'`` uses its value as measured."""
         noisy_information, clean_information, *test = information
-        if self._uninformative_noisy({"information": information}):
+        if self._uninformative_noisy(information):
             return 0.0
         if self.trusted_weight == "relative_tested" and test and not test[0]:
             clean_information = 0.0
