@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="mlc_variants")
     args = ap.parse_args()
+    if not 0 < args.validation < 1:  # the variants are ranked by validation accuracy: there must be some
+        ap.error(f"--validation must be a fraction of the trusted set in (0, 1), got {args.validation:g}")
     torch.set_num_threads(args.threads)
 
     sweep = load_sweep_config(args.preset)

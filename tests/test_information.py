@@ -234,8 +234,29 @@ def test_pooled_noisy_evidence_resumes_bit_exactly(tmp_path):
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
 
 
+def test_bounded_noisy_evidence_takes_r_1_where_only_the_noisy_side_shows_information():
+    bounded, pooled = create_method("mlc", noisy_evidence="bounded"), create_method("mlc", noisy_evidence="pooled")
+    assert (bounded.version, pooled.version) == (10, 8)
+    assert create_method("mlc", noisy_evidence="bounded", t_evidence="trusted_batches").version == 11
+    # (noisy side's information, trusted side's, trusted side beyond chance, noisy side beyond chance)
+    # the trusted side fails its test, the held-out noisy side passes: its information bounds the
+    # trusted side's from below (data processing), so r = 1, where version 8 reads r = 0
+    assert bounded._share_from((0.03, 0.005, False, True)) == 1.0
+    assert pooled._share_from((0.03, 0.005, False, True)) == 0.0
+    # both sides informative: measured as before; the noisy side uninformative: pooled rows, r = 0
+    assert bounded._share_from((0.03, 0.06, True, True)) == pytest.approx(0.5)
+    assert bounded._share_from((0.03, 0.005, False, False)) == 0.0
+    assert bounded._uninformative_noisy((0.03, 0.005, False, False))
+    # a version 6 checkpoint (no noisy-side test): the noisy side is not known to be informative
+    assert bounded._share_from((0.03, 0.005, False)) == 0.0
+    # without the trusted-side test (version 5's weight) a trusted side with no positive information
+    # is bounded the same way
+    v5 = create_method("mlc", trusted_weight="relative_debiased", noisy_evidence="bounded")
+    assert v5._share_from((0.03, -0.01, True, True)) == 1.0
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"noisy_evidence": "drop"}, "noisy_evidence must be one of ('ignored', 'pooled'), got 'drop'"),
+    ({"noisy_evidence": "drop"}, "noisy_evidence must be one of ('ignored', 'pooled', 'bounded'), got 'drop'"),
     ({"noisy_evidence": "pooled", "trusted_weight": "geometric"},
      "noisy_evidence='pooled' reads the estimate phase's held-out noisy side, measured for a relative trusted "
      "weight: it needs trusted_weight='relative_tested' or 'relative_debiased', got trusted_weight='geometric'"),

@@ -124,6 +124,8 @@ test set — and on T error against the T that made the noise; the tables are in
 Other algorithms, one option each:
 
 * ``noisy_evidence='ignored'``: version 6 (T from GLC's estimate whatever the noisy side says);
+* ``noisy_evidence='bounded'``: version 10 (r = 1 rather than the floor where only the held-out
+  noisy side shows information; tried on SST's 0.1 % cells, not adopted, round 13);
 
 * ``trusted_weight=1``: version 3 (the trusted cross-entropy at the noisy batch's weight);
 * ``trusted_weight='relative_debiased'``: version 5 (r's trusted side taken as measured);
@@ -193,7 +195,7 @@ T_EVIDENCE = ("meta_steps", "trusted_batches")
 # what the MLC phase reads from a held-out noisy side whose information is not beyond chance
 # (MLC._uninformative_noisy): nothing ('ignored', version 6), or that the noisy labels carry no
 # information about the class ('pooled': T starts from identical rows, r = 0)
-NOISY_EVIDENCE = ("ignored", "pooled")
+NOISY_EVIDENCE = ("ignored", "pooled", "bounded")
 
 
 def _examples(loader) -> int:
@@ -261,6 +263,12 @@ class MLC(Method):
             about the class, so no row of T can be told from another: T is every row the noisy
             labels' class frequencies for the whole MLC phase (no meta step: the corrected
             loss has no gradient), and r = 0 (the floor's trusted weight).
+            ``'bounded'``: ``'pooled'``, and where the noisy side does show information
+            that the trusted side cannot (its test fails, or its information is not
+            positive), r = 1: under class-conditional noise the predictions cannot say more
+            about the noisy labels than about the true ones (data processing), so the
+            trusted side's information is at least the noisy side's (tried, not adopted:
+            ``benchmarks/results/mlc_t_update.md``, round 13).
             Needs a relative trusted weight (the held-out measurements). ``None``: ``'pooled'``
             with the ``'relative_tested'`` weight (version 8), ``'ignored'`` otherwise.
         t_warmup: fraction of the MLC phase at its start during which T is held (``None``:
@@ -341,6 +349,9 @@ class MLC(Method):
     """
 
     NAME = "mlc"
+    # 11: version 10 with the evidence cap of version 7;
+    # 10 (tried, not adopted): version 8 with r = 1 where only the held-out noisy side shows
+    # information (``noisy_evidence='bounded'``);
     # 9: version 8 with the evidence cap of version 7;
     # 8: a held-out noisy side without information beyond chance read as labels that say
     # nothing (``noisy_evidence='pooled'``: T from identical rows, r = 0);
@@ -366,11 +377,11 @@ class MLC(Method):
         no_selection = options.get("t_init") == "glc" and not options["estimate_patience"]
         if no_selection:
             return 2
-        pooled = options.get("noisy_evidence", "ignored") == "pooled"
+        evidence = options.get("noisy_evidence", "ignored")
         if options.get("t_evidence", "meta_steps") == "trusted_batches":
-            return 9 if pooled else 7
-        if pooled:
-            return 8
+            return {"pooled": 9, "bounded": 11}.get(evidence, 7)
+        if evidence != "ignored":
+            return {"pooled": 8, "bounded": 10}[evidence]
         # version 3 gave the trusted cross-entropy the noisy batch's weight (1), or any other
         # than the versions' own
         return {"geometric": 4, "relative_debiased": 5, "relative_tested": 6}.get(options.get("trusted_weight"), 3)
@@ -707,7 +718,7 @@ class MLC(Method):
         :meth:`end_epoch` records them) with a held-out noisy side without information beyond
         chance (the fourth entry, absent in checkpoints of versions before 8: informative)."""
         test = tuple(information)[3:]
-        return self.noisy_evidence == "pooled" and bool(test) and not test[0]
+        return self.noisy_evidence != "ignored" and bool(test) and not test[0]
 
     def _share_from(self, information: tuple) -> float:
         """r from an estimate epoch's measurements (noisy side's information, trusted side's,
@@ -719,6 +730,11 @@ class MLC(Method):
             return 0.0
         if self.trusted_weight == "relative_tested" and test and not test[0]:
             clean_information = 0.0
+        if self.noisy_evidence == "bounded" and test[1:] and test[1] and not clean_information > 0:
+            # the held-out noisy side shows information the trusted side cannot: under
+            # class-conditional noise the predictions say at least as much about the true labels
+            # (data processing), so the trusted side's is at least the noisy side's: r = 1
+            return 1.0
         return _relative_share(noisy_information, clean_information)
 
     def _actual_step(self, ctx, loss, loss_c):
