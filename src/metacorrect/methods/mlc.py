@@ -194,7 +194,9 @@ RELATIVE_SHARE_FLOOR = 0.01
 T_EVIDENCE = ("meta_steps", "trusted_batches")
 # what the MLC phase reads from a held-out noisy side whose information is not beyond chance
 # (MLC._uninformative_noisy): nothing ('ignored', version 6), or that the noisy labels carry no
-# information about the class ('pooled': T starts from identical rows, r = 0)
+# information about the class ('pooled': T starts from identical rows, r = 0); 'bounded' also reads
+# a noisy side that does show information as a lower bound on the trusted side's (r = 1 where
+# the trusted side cannot show its own)
 NOISY_EVIDENCE = ("ignored", "pooled", "bounded")
 
 
